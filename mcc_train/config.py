@@ -1,0 +1,166 @@
+"""TrainConfig: every knob of mcc-train, its default, its help text and its valid range."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UsageError
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _f("digits", "digits | fashion-mnist[:DIR] | imagefolder:ROOT | cifar10:DIR | cifar100:DIR")
+    img_size: int = _f(32, "input height and width fed to the model")
+    in_chans: int | None = _f(None, "input channels; default: 1 for grayscale data, else 3")
+    crop_pct: float = _f(1.0, "eval center-crop fraction (timm crop_pct)")
+    interpolation: str = _f("bicubic", "resize interpolation: bilinear | bicubic | nearest")
+    hflip: float | None = _f(None, "train horizontal-flip probability; default: 0 for digits, else 0.5")
+    scale: tuple[float, float] = _f((0.5, 1.0), "train RandomResizedCrop area range", nargs=2)
+    subset: int | None = _f(None, "use only this many training images (a fixed random subset)")
+    workers: int = _f(2, "data-loading worker processes per rank")
+    # model
+    arch: str = _f("resnet18", "any timm model name with a single linear classifier")
+    head: str = _f("mc", "mc (multi-center) | linear (vanilla baseline)")
+    num_subcenters: int = _f(2, "K, sub-centers sampled per class")
+    center_weight: float = _f(0.5, "target mass on a class's mean center, in (0, 1]")
+    sigma_scale: float = _f(0.1, "std = sigma_scale * exp(log_var / 2)")
+    sampling: str = _f("shared", "shared (the paper: one draw per step) | local (per-sample logit draw, cheaper)")
+    kl_weight: float = _f(1.0, "weight of the std loss L_sigma (0 removes it)")
+    drop_rate: float = _f(0.0, "dropout before the classifier")
+    checkpoint_path: str | None = _f(None, "local timm weights file that initialises the backbone")
+    # optimisation (AdamW + cosine with warm-up, after the paper's recipe scaled to small data)
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(64, "batch size per rank")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
+    warmup_epochs: int = _f(1, "linear warm-up epochs")
+    warmup_lr: float = _f(1e-5, "learning rate at the start of warm-up")
+    weight_decay: float = _f(0.05, "AdamW weight decay (norms and biases excluded)")
+    label_smoothing: float = _f(0.1, "label smoothing")
+    mixup: float = _f(0.0, "mixup alpha (0: off)")
+    cutmix: float = _f(0.0, "cutmix alpha (0: off)")
+    clip_grad: float | None = _f(5.0, "clip the gradient norm to this (none: off)")
+    seed: int = _f(0, "random seed")
+    # runtime
+    device: str = _f("auto", "auto | cpu | cuda")
+    amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)")
+    channels_last: bool = _f(True, "channels_last memory format on CUDA")
+    out: str = _f("runs/mcc", "output directory for checkpoints, metrics.csv, config.yaml, curves.png")
+    resume: str | None = _f(None, "continue from this last.pt (its config, overridden by flags given here)")
+    overwrite: bool = _f(False, "allow starting a new run in an --out that already holds checkpoints")
+    progress: bool = _f(True, "show a progress bar per epoch")
+
+    def validate(self) -> TrainConfig:
+        """Raise UsageError naming the first out-of-range value; returns self."""
+        checks = [
+            (self.num_subcenters >= 1, f"--num-subcenters must be >= 1, got {self.num_subcenters}"),
+            (0 < self.center_weight <= 1, f"--center-weight must be in (0, 1], got {self.center_weight}"),
+            (self.sigma_scale > 0, f"--sigma-scale must be > 0, got {self.sigma_scale}"),
+            (self.kl_weight >= 0, f"--kl-weight must be >= 0, got {self.kl_weight}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.min_lr >= 0 and self.warmup_lr >= 0, "--min-lr and --warmup-lr must be >= 0"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "--warmup-epochs must be < --epochs"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.img_size >= 8, f"--img-size must be >= 8, got {self.img_size}"),
+            (self.in_chans in (None, 1, 3), f"--in-chans must be 1 or 3, got {self.in_chans}"),
+            (0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}"),
+            (self.hflip is None or 0 <= self.hflip <= 1, f"--hflip must be in [0, 1], got {self.hflip}"),
+            (0 < self.scale[0] <= self.scale[1] <= 1, f"--scale must be 0 < lo <= hi <= 1, got {self.scale}"),
+            (self.clip_grad is None or self.clip_grad > 0, f"--clip-grad must be > 0, got {self.clip_grad}"),
+            (self.subset is None or self.subset >= 1, f"--subset must be >= 1, got {self.subset}"),
+            (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
+            (self.head in ("mc", "linear"), f"--head must be mc or linear, got {self.head!r}"),
+            (self.sampling in ("shared", "local"), f"--sampling must be shared or local, got {self.sampling!r}"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (
+                self.interpolation in ("bilinear", "bicubic", "nearest"),
+                f"--interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a dict (YAML file, checkpoint), rejecting unknown keys with the valid ones named."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UsageError(f"unknown config key(s) {', '.join(unknown)}; see mcc-train --help for valid ones")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: coerce(fields[k], v) for k, v in values.items()})
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a TrainConfig field: ``"float | None"`` -> (float, True)."""
+    names = [t.strip() for t in str(f.type).split("|")]
+    base = {"int": int, "float": float, "str": str, "bool": bool}.get(names[0], float)  # tuple[float, float]
+    return base, "None" in names
+
+
+def coerce(f: dataclasses.Field, value):
+    """Convert a YAML or checkpoint value to the field's type, or raise UsageError naming the field."""
+    base, optional = field_type(f)
+    flag = "--" + f.name.replace("_", "-")
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UsageError(f"{flag} needs a value, got none")
+    try:
+        if f.metadata.get("nargs"):
+            if not isinstance(value, (list, tuple)) or len(value) != f.metadata["nargs"]:
+                raise ValueError
+            return tuple(base(v) for v in value)
+        if base is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag}: expected {f.type}, got {value!r}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
+    return values
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

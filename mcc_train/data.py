@@ -1,0 +1,247 @@
+"""Datasets read from local files only, and timm's train/eval transforms.
+
+``--data`` specs: ``digits`` (scikit-learn's bundled set), ``fashion-mnist[:DIR]`` (IDX gzip files),
+``imagefolder:ROOT`` (ROOT/train/<class>/*, ROOT/val/<class>/*), ``cifar10:DIR``, ``cifar100:DIR``
+(the python-pickle CIFAR files). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import Dataset
+
+from .errors import UsageError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+DATA_KINDS = ("digits", "fashion-mnist", "imagefolder", "cifar10", "cifar100")
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W) or (N, H, W, 3), labels (N,)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, mode: str = "RGB"):
+        self.images, self.labels, self.transform, self.mode = images, labels, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i]).convert(self.mode)
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+class FolderDataset(Dataset):
+    """Image files on disk with their labels."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform=None, mode: str = "RGB"):
+        self.samples, self.transform, self.mode = samples, transform, mode
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UsageError(f"unreadable image {path}: {e}; remove or replace it") from None
+        return (self.transform(img) if self.transform else img), label
+
+
+@dataclass
+class DataSplits:
+    train: ArrayDataset | FolderDataset
+    val: ArrayDataset | FolderDataset
+    class_names: list[str]
+    grayscale: bool  # the source images are single-channel
+    name: str  # digits, fashion-mnist, ...
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_data(spec: str, subset: int | None = None) -> DataSplits:
+    """Load the train and val splits named by a ``--data`` spec, without transforms."""
+    kind, _, arg = spec.partition(":")
+    if kind not in DATA_KINDS:
+        raise UsageError(f"--data {spec}: unknown dataset {kind!r}; use one of {', '.join(DATA_KINDS)}")
+    if kind in ("imagefolder", "cifar10", "cifar100") and not arg:
+        raise UsageError(f"--data {spec}: {kind} needs a directory, e.g. --data {kind}:/path/to/data")
+    if kind == "digits":
+        splits = _digits()
+    elif kind == "fashion-mnist":
+        splits = _fashion_mnist(Path(arg or FASHION_MNIST_DIR), spec)
+    elif kind == "imagefolder":
+        splits = _imagefolder(Path(arg), spec)
+    else:
+        splits = _cifar(Path(arg), kind, spec)
+    if subset is not None and subset < len(splits.train):
+        keep = np.sort(np.random.default_rng(0).permutation(len(splits.train))[:subset])
+        splits.train = torch.utils.data.Subset(splits.train, keep.tolist())
+    return splits
+
+
+def _digits() -> DataSplits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8), values 0..16 -> 0..255
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )  # a fixed split, the same for every training seed
+    return DataSplits(ArrayDataset(x_tr, y_tr), ArrayDataset(x_va, y_va), [str(i) for i in range(10)], True, "digits")
+
+
+def _read_idx(path: Path, spec: str) -> np.ndarray:
+    """Read one IDX file (gzip or raw) into a uint8 array."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError) as e:
+        raise UsageError(f"--data {spec}: cannot read {path} ({e}); is it an intact IDX file?") from None
+
+
+def _fashion_mnist(root: Path, spec: str) -> DataSplits:
+    if not root.is_dir():
+        hint = " (install it with: apt-get install dataset-fashion-mnist)" if str(root) == FASHION_MNIST_DIR else ""
+        raise UsageError(f"--data {spec}: no directory {root}{hint}")
+
+    def find(stem: str) -> Path:
+        for name in (f"{stem}.gz", stem):
+            if (root / name).is_file():
+                return root / name
+        raise UsageError(f"--data {spec}: missing {stem}.gz under {root}")
+
+    arrays = {s: _read_idx(find(f"{s}-idx{n}-ubyte"), spec) for s, n in [("train-images", 3), ("train-labels", 1)]}
+    arrays |= {s: _read_idx(find(f"{s}-idx{n}-ubyte"), spec) for s, n in [("t10k-images", 3), ("t10k-labels", 1)]}
+    train = ArrayDataset(arrays["train-images"], arrays["train-labels"].astype(np.int64))
+    val = ArrayDataset(arrays["t10k-images"], arrays["t10k-labels"].astype(np.int64))
+    return DataSplits(train, val, list(FASHION_MNIST_CLASSES), True, "fashion-mnist")
+
+
+def _imagefolder(root: Path, spec: str) -> DataSplits:
+    if not root.is_dir():
+        raise UsageError(f"--data {spec}: no directory {root}")
+    splits = {}
+    for split in ("train", "val"):
+        folder = root / split
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        if not classes:
+            raise UsageError(f"--data {spec}: no class folders under {folder}; expected {folder}/<class>/<image>")
+        splits[split] = classes
+    if splits["val"] != splits["train"]:
+        missing = sorted(set(splits["train"]) ^ set(splits["val"]))
+        raise UsageError(f"--data {spec}: train and val class folders differ ({', '.join(missing[:5])})")
+    classes = splits["train"]
+    samples = {}
+    for split in ("train", "val"):
+        samples[split] = []
+        for label, name in enumerate(classes):
+            files = sorted(p for p in (root / split / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UsageError(f"--data {spec}: empty class folder {root / split / name}; add images or remove it")
+            samples[split] += [(p, label) for p in files]
+    mode = _check_images(samples["train"][:: max(1, len(samples["train"]) // 64)] + samples["val"][:1], spec)
+    grayscale = mode in ("L", "1", "I;16", "I", "F")
+    return DataSplits(FolderDataset(samples["train"]), FolderDataset(samples["val"]), classes, grayscale, "imagefolder")
+
+
+def _check_images(samples: list[tuple[Path, int]], spec: str) -> str:
+    """Open a sample of the images (header only); return the mode of the first one."""
+    modes = []
+    for path, _ in samples:
+        try:
+            with Image.open(path) as img:
+                modes.append(img.mode)
+        except (OSError, UnidentifiedImageError) as e:
+            raise UsageError(f"--data {spec}: unreadable image {path} ({e}); remove or replace it") from None
+    return modes[0]
+
+
+def _cifar(root: Path, kind: str, spec: str) -> DataSplits:
+    sub = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[kind]
+    if (root / sub).is_dir():
+        root = root / sub
+    if not root.is_dir():
+        raise UsageError(f"--data {spec}: no directory {root}")
+    if kind == "cifar10":
+        train_files, test_file, meta_file, label_key, names_key = (
+            [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", b"labels", b"label_names"
+        )  # fmt: skip
+    else:
+        train_files, test_file, meta_file, label_key, names_key = (
+            ["train"], "test", "meta", b"fine_labels", b"fine_label_names"
+        )  # fmt: skip
+
+    def read(name: str) -> dict:
+        path = root / name
+        if not path.is_file():
+            raise UsageError(f"--data {spec}: missing {path}; expected the python-pickle {kind} files in {root}")
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except Exception as e:
+            raise UsageError(f"--data {spec}: cannot read {path} ({type(e).__name__}); is it intact?") from None
+
+    def arrays(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        batches = [read(n) for n in names]
+        x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.concatenate([np.asarray(b[label_key]) for b in batches]).astype(np.int64)
+        return np.ascontiguousarray(x), y  # (N, 32, 32, 3) uint8
+
+    x_tr, y_tr = arrays(train_files)
+    x_te, y_te = arrays([test_file])
+    names = [n.decode() for n in read(meta_file)[names_key]]
+    return DataSplits(ArrayDataset(x_tr, y_tr), ArrayDataset(x_te, y_te), names, False, kind)
+
+
+def build_data_config(model: torch.nn.Module, img_size: int, in_chans: int, crop_pct: float, interpolation: str):
+    """timm's data config for the model at our input size; grayscale gets one averaged mean/std."""
+    cfg = resolve_data_config(
+        {"input_size": (in_chans, img_size, img_size), "crop_pct": crop_pct, "interpolation": interpolation},
+        model=model,
+    )
+    if in_chans == 1 and len(cfg["mean"]) == 3:
+        cfg["mean"] = (float(np.mean(cfg["mean"])),)
+        cfg["std"] = (float(np.mean(cfg["std"])),)
+    cfg["mean"], cfg["std"] = tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"])
+    return cfg
+
+
+def build_transforms(data_config: dict, hflip: float, scale: tuple[float, float]):
+    """(train, eval) transforms from timm's factory; the eval one is what the exported model expects."""
+    common = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std")}
+    train = create_transform(**common, is_training=True, scale=scale, hflip=hflip, color_jitter=0.0)
+    val = create_transform(**common, is_training=False, crop_pct=data_config["crop_pct"])
+    return train, val
+
+
+def set_transforms(splits: DataSplits, train_tf, val_tf, in_chans: int) -> None:
+    """Attach transforms and the PIL mode (``L`` or ``RGB``) every image is converted to."""
+    mode = "L" if in_chans == 1 else "RGB"
+    train = splits.train.dataset if isinstance(splits.train, torch.utils.data.Subset) else splits.train
+    train.transform, train.mode = train_tf, mode
+    splits.val.transform, splits.val.mode = val_tf, mode

@@ -1,0 +1,181 @@
+"""The multi-center classifier (MC): head, multi-center target and loss.
+
+Everything here follows ``METHOD.md`` (Zhang & Gong, "Generating Multi-Center Classifier via
+Conditional Gaussian Distribution"); names match the paper: ``weight`` (mean centers),
+``log_var`` (per-class log-variance), ``num_subcenters`` (K), ``center_weight`` (eq. 8).
+
+Shapes: B batch, d features, C classes, K sub-centers per class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+SAMPLING_MODES = ("shared", "local")
+
+
+class MultiCenterHead(nn.Module):
+    """Linear classifier whose classes are Gaussians; K sub-centers per class are sampled in training.
+
+    In eval mode the head is exactly ``F.linear(x, weight, bias)``: the mean centers, nothing else.
+
+    Args:
+        in_features: d, the pooled feature width.
+        num_classes: C.
+        num_subcenters: K >= 1 sub-centers sampled per class and forward pass.
+        center_weight: target mass on a class's mean center (eq. 8); the rest is split over its K sub-centers.
+        sigma_scale: scale on the standard deviation, ``std = sigma_scale * exp(log_var / 2)``.
+        bias: keep a per-class bias, shared by the mean and its sub-centers.
+        sampling: ``"shared"`` (the paper: one set of sub-centers per forward pass, shared by the batch) or
+            ``"local"`` (local reparameterization: each sample's sub-center logits are drawn directly from
+            their exact per-sample distribution; same per-sample law, far fewer random numbers).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        num_subcenters: int = 2,
+        center_weight: float = 0.5,
+        sigma_scale: float = 0.1,
+        bias: bool = True,
+        sampling: str = "shared",
+    ):
+        super().__init__()
+        check_head_args(num_subcenters, center_weight, sigma_scale, sampling)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.num_subcenters = num_subcenters
+        self.center_weight = center_weight
+        self.sigma_scale = sigma_scale
+        self.sampling = sampling
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
+        self.log_var = nn.Parameter(torch.empty(num_classes, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # weight and bias as nn.Linear; log_var like an nn.Linear weight (authors' code).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.log_var, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def std(self) -> torch.Tensor:
+        """Standard deviation of every class's Gaussian, (C, d)."""
+        return self.sigma_scale * torch.exp(0.5 * self.log_var)
+
+    def sample_centers(self, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean centers and K sampled sub-centers per class, interleaved: (C*(K+1), d).
+
+        Row ``c*(K+1)`` is ``weight[c]``; rows ``c*(K+1)+k`` (k = 1..K) are its sub-centers.
+
+        Args:
+            eps: standard normal noise (C, K, d); one vectorised draw on the parameters' device when None.
+        """
+        C, d, K = self.num_classes, self.in_features, self.num_subcenters
+        if eps is None:
+            eps = torch.randn(C, K, d, device=self.weight.device, dtype=self.weight.dtype)
+        sub = self.weight.unsqueeze(1) + self.std().unsqueeze(1) * eps  # (C, K, d)
+        return torch.cat([self.weight.unsqueeze(1), sub], dim=1).reshape(C * (K + 1), d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)  # (B, d) -> (B, C)
+        if self.sampling == "local":
+            return self._forward_local(x)
+        bias = None if self.bias is None else self.bias.repeat_interleave(self.num_subcenters + 1)
+        return F.linear(x, self.sample_centers(), bias)  # (B, d) -> (B, C*(K+1))
+
+    def _forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        # For one sample, x . w_c^(k) = x . w_c + sum_j x_j std_cj eps_ckj ~ N(x . w_c, sum_j x_j^2 std_cj^2).
+        K = self.num_subcenters
+        mean = F.linear(x, self.weight, self.bias)  # (B, C)
+        var = F.linear(x.square(), self.std().square())  # (B, C)
+        xi = torch.randn(*mean.shape, K, device=mean.device, dtype=mean.dtype)  # (B, C, K)
+        sub = mean.unsqueeze(-1) + var.clamp_min(0).sqrt().unsqueeze(-1) * xi  # (B, C, K)
+        return torch.cat([mean.unsqueeze(-1), sub], dim=-1).flatten(-2)  # (B, C*(K+1))
+
+    def kl_loss(self) -> torch.Tensor:
+        """L_sigma = -0.5 * sum_{c,j} (1 + log_var - exp(log_var)) / C (eq. 10-11, authors' code)."""
+        return -0.5 * torch.sum(1 + self.log_var - self.log_var.exp()) / self.num_classes
+
+    def to_linear(self) -> nn.Linear:
+        """The test-time classifier: an ``nn.Linear`` holding copies of the mean centers and bias."""
+        linear = nn.Linear(self.in_features, self.num_classes, bias=self.bias is not None)
+        linear = linear.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, num_subcenters={self.num_subcenters}, "
+            f"center_weight={self.center_weight}, sigma_scale={self.sigma_scale}, bias={self.bias is not None}, "
+            f"sampling={self.sampling}"
+        )
+
+
+def check_head_args(num_subcenters: int, center_weight: float, sigma_scale: float, sampling: str = "shared") -> None:
+    """Raise ValueError naming the first out-of-range MC hyperparameter."""
+    if not isinstance(num_subcenters, int) or num_subcenters < 1:
+        raise ValueError(f"num_subcenters (K) must be an integer >= 1, got {num_subcenters!r}")
+    if not 0 < center_weight <= 1:
+        raise ValueError(f"center_weight must be in (0, 1], got {center_weight!r}")
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+
+
+def multi_center_target(
+    target: torch.Tensor, num_classes: int, num_subcenters: int = 2, center_weight: float = 0.5
+) -> torch.Tensor:
+    """Expand a target over C classes to the C*(K+1) interleaved outputs (eq. 8, generalised).
+
+    Class c's mass t_c goes ``center_weight * t_c`` to its mean and ``(1 - center_weight) / K * t_c`` to each
+    sub-center, so the result still sums to 1.
+
+    Args:
+        target: class indices (B,) or a soft target (B, C) (label smoothing, mixup, cutmix).
+    """
+    if target.ndim == 1:
+        target = F.one_hot(target.long(), num_classes).float()  # (B,) -> (B, C)
+    if target.shape[-1] != num_classes:
+        raise ValueError(f"target has {target.shape[-1]} classes, expected {num_classes}")
+    K = num_subcenters
+    split = target.new_tensor([center_weight] + [(1 - center_weight) / K] * K)  # (K+1,)
+    return (target.unsqueeze(-1) * split).flatten(-2)  # (B, C) -> (B, C*(K+1))
+
+
+class MultiCenterLoss:
+    """Soft-target cross-entropy over the extended logits plus ``kl_weight * L_sigma`` (eq. 9).
+
+    NOTE: a plain callable, not an nn.Module, so the head's parameters are not registered twice.
+
+    Args:
+        head: the MultiCenterHead whose logits are scored.
+        kl_weight: weight of L_sigma (1 in the paper; 0 removes it, the table 7 ablation).
+    """
+
+    def __init__(self, head: MultiCenterHead, kl_weight: float = 1.0):
+        self.head = head
+        self.kl_weight = kl_weight
+        self.cross_entropy = SoftTargetCrossEntropy()
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss for extended logits (B, C*(K+1)) and a target, class indices (B,) or soft (B, C)."""
+        head = self.head
+        mc_target = multi_center_target(target, head.num_classes, head.num_subcenters, head.center_weight)
+        loss = self.cross_entropy(logits, mc_target)
+        if self.kl_weight:
+            loss = loss + self.kl_weight * head.kl_loss()
+        return loss

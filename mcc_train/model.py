@@ -1,0 +1,126 @@
+"""Any timm backbone with the multi-center head in place of its classifier."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .head import MultiCenterHead, check_head_args
+
+_logger = logging.getLogger(__name__)
+
+HEADS = ("mc", "linear")
+
+
+def classifier_path(model: nn.Module) -> str:
+    """Dotted path of the model's single linear classifier, as timm's pretrained_cfg names it.
+
+    Raises:
+        UsageError: the model has no single ``nn.Linear`` classifier (a distilled two-head model, a conv head).
+    """
+    name = type(model).__name__
+    path = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    if not isinstance(path, str):
+        raise UsageError(f"{name} has classifier {path!r}, not a single linear classifier; the MC head needs one")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise UsageError(f"{name}: pretrained_cfg names classifier {path!r}, which the model does not have") from None
+    if module is not model.get_classifier() or not isinstance(module, (nn.Linear, MultiCenterHead)):
+        raise UsageError(f"{name}: classifier {path!r} is a {type(module).__name__}, not a single nn.Linear")
+    return path
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    *,
+    head: str = "mc",
+    in_chans: int = 3,
+    num_subcenters: int = 2,
+    center_weight: float = 0.5,
+    sigma_scale: float = 0.1,
+    sampling: str = "shared",
+    checkpoint_path: str | Path | None = None,
+    **timm_kwargs,
+) -> nn.Module:
+    """Build ``timm.create_model(arch, pretrained=False, ...)`` with an MC (or the vanilla linear) head.
+
+    For ``head="mc"`` the model's own classifier is replaced by a MultiCenterHead that starts from the same
+    weight and bias, so the state_dict keys are the vanilla model's plus ``<classifier>.log_var``.
+
+    Args:
+        arch: any timm model name with a single linear classifier.
+        num_classes: C.
+        head: ``"mc"`` or ``"linear"`` (the vanilla baseline).
+        in_chans: input channels (1 for grayscale).
+        checkpoint_path: local timm weights that initialise the backbone; a classifier of another shape is skipped.
+        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_rate``, ...).
+    """
+    if head not in HEADS:
+        raise UsageError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head == "mc":
+        try:
+            check_head_args(num_subcenters, center_weight, sigma_scale, sampling)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
+        raise UsageError(f"unknown arch {arch!r}{hint}")
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    path = classifier_path(model)
+    if checkpoint_path is not None:
+        load_backbone(model, checkpoint_path, path)
+    if head == "mc":
+        linear = model.get_submodule(path)
+        mc = MultiCenterHead(
+            linear.in_features,
+            num_classes,
+            num_subcenters=num_subcenters,
+            center_weight=center_weight,
+            sigma_scale=sigma_scale,
+            bias=linear.bias is not None,
+            sampling=sampling,
+        )
+        with torch.no_grad():  # same starting point as the linear baseline
+            mc.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                mc.bias.copy_(linear.bias)
+        model.set_submodule(path, mc)
+    return model
+
+
+def get_mc_head(model: nn.Module) -> MultiCenterHead | None:
+    """The model's MultiCenterHead, or None for a linear-head model."""
+    head = model.get_classifier()
+    return head if isinstance(head, MultiCenterHead) else None
+
+
+def load_backbone(model: nn.Module, checkpoint_path: str | Path, classifier: str) -> None:
+    """Load local timm weights into ``model``; classifier tensors of another shape are left at their init."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise UsageError(f"--checkpoint-path {path}: no such file")
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--checkpoint-path {path}: not a readable weights file ({type(e).__name__}: {e})") from None
+    own = model.state_dict()
+    skipped = [k for k in state if k.startswith(classifier + ".") and k in own and state[k].shape != own[k].shape]
+    for k in skipped:
+        del state[k]
+    result = model.load_state_dict(state, strict=False)
+    unexpected = list(result.unexpected_keys)
+    backbone_missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
+    if unexpected or backbone_missing:
+        raise UsageError(
+            f"--checkpoint-path {path}: does not fit {type(model).__name__} "
+            f"(unexpected keys {unexpected[:3]}, missing keys {backbone_missing[:3]}); is it weights for this arch?"
+        )
+    _logger.info("initialised backbone from %s%s", path, " (classifier skipped: shape differs)" if skipped else "")

@@ -66,9 +66,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path}: not a readable checkpoint, truncated or corrupt ({first[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UsageError(f"{path}: not an mcc checkpoint (no format: {FORMAT!r}); pass a last.pt or best.pt of mcc-train")
+        raise UsageError(
+            f"{path}: not an mcc checkpoint (no format: {FORMAT!r}); pass a last.pt or best.pt of mcc-train"
+        )
     if ckpt.get("version", 0) > VERSION:
-        raise UsageError(f"{path}: checkpoint version {ckpt['version']} is newer than this mcc ({VERSION}); upgrade mcc")
+        raise UsageError(
+            f"{path}: checkpoint version {ckpt['version']} is newer than this mcc ({VERSION}); upgrade mcc"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise UsageError(f"{path}: mcc checkpoint lacks {', '.join(missing)}; it is damaged")

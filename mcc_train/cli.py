@@ -20,7 +20,7 @@ EPILOG = """examples:
   mcc-train --data imagefolder:/data/pets --arch convnext_atto --img-size 128 --head linear
   mcc-train --config recipe.yaml --lr 5e-4            # YAML keys are the flag names
   mcc-train --resume runs/fm/last.pt --epochs 8       # continue, extending the schedule
-  torchrun --nproc_per_node=2 -m mcc_train --data fashion-mnist --out runs/ddp
+  torchrun --standalone --nproc_per_node=2 -m mcc_train --data fashion-mnist --out runs/ddp
 """
 
 
@@ -36,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         base, optional = field_type(f)
-        default = f.default
-        help_text = f"{f.metadata['help']} (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})"
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.metadata.get("nargs"):
-            parser.add_argument(flag, dest=f.name, nargs=f.metadata["nargs"], type=base, metavar=("LO", "HI"), help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, nargs=f.metadata["nargs"], type=base, metavar=("LO", "HI"), help=help_text
+            )
         else:
             parser.add_argument(flag, dest=f.name, type=_optional(base) if optional else base, help=help_text)
     return parser
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if rank == 0:
         print(
-            f"mcc-train: done: {summary['epochs']} epochs of {cfg.arch} ({cfg.head} head) in {summary['wall_time_s']:.0f}s, "
+            f"mcc-train: done: {summary['epochs']} epochs of {cfg.arch} ({cfg.head} head) "
+            f"in {summary['wall_time_s']:.0f}s, "
             f"best top-1 {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}, "
             f"last top-1 {summary['last'].get('top1', float('nan')):.2f}%; checkpoints in {summary['out']}/"
         )

@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = _f(64, "batch size per rank")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
-    warmup_epochs: int = _f(1, "linear warm-up epochs")
+    warmup_epochs: int = _f(1, "linear warm-up epochs (capped at --epochs - 1)")
     warmup_lr: float = _f(1e-5, "learning rate at the start of warm-up")
     weight_decay: float = _f(0.05, "AdamW weight decay (norms and biases excluded)")
     label_smoothing: float = _f(0.1, "label smoothing")
@@ -73,7 +73,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "--warmup-epochs must be < --epochs"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.img_size >= 8, f"--img-size must be >= 8, got {self.img_size}"),
             (self.in_chans in (None, 1, 3), f"--in-chans must be 1 or 3, got {self.in_chans}"),

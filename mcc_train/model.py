@@ -46,6 +46,7 @@ def create_model(
     center_weight: float = 0.5,
     sigma_scale: float = 0.1,
     sampling: str = "shared",
+    img_size: int | None = None,
     checkpoint_path: str | Path | None = None,
     **timm_kwargs,
 ) -> nn.Module:
@@ -59,6 +60,7 @@ def create_model(
         num_classes: C.
         head: ``"mc"`` or ``"linear"`` (the vanilla baseline).
         in_chans: input channels (1 for grayscale).
+        img_size: input size; passed to timm only for models with a fixed token grid (ViT, Swin), CNNs take any.
         checkpoint_path: local timm weights that initialise the backbone; a classifier of another shape is skipped.
         **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_rate``, ...).
     """
@@ -73,6 +75,7 @@ def create_model(
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
         raise UsageError(f"unknown arch {arch!r}{hint}")
+    timm_kwargs |= timm_size_kwargs(arch, img_size)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     path = classifier_path(model)
     if checkpoint_path is not None:
@@ -94,6 +97,13 @@ def create_model(
                 mc.bias.copy_(linear.bias)
         model.set_submodule(path, mc)
     return model
+
+
+def timm_size_kwargs(arch: str, img_size: int | None) -> dict:
+    """``{"img_size": ...}`` for archs whose pretrained_cfg has a fixed input size, else nothing."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    fixed = cfg is not None and bool(getattr(cfg, "fixed_input_size", False))
+    return {"img_size": img_size} if img_size is not None and fixed else {}
 
 
 def get_mc_head(model: nn.Module) -> MultiCenterHead | None:

@@ -22,7 +22,9 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
     epochs = [int(r["epoch"]) for r in rows]
     col = {k: [float(r[k]) for r in rows] for k in ("train_loss", "eval_loss", "top1", "top5")}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, col["train_loss"], "o-", label="train (MC target + L_sigma)" if rows[0]["sub_center_std"] else "train")
+    ax_loss.plot(
+        epochs, col["train_loss"], "o-", label="train (MC target + L_sigma)" if rows[0]["sub_center_std"] else "train"
+    )
     ax_loss.plot(epochs, col["eval_loss"], "o-", label="eval (mean head)")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.plot(epochs, col["top1"], "o-", label="top-1")

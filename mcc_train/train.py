@@ -22,6 +22,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import random_seed
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -91,7 +92,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, cfg, rt
     model.train()
     steps = len(loader)
     total, count = torch.zeros((), device=rt.device), 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rt.is_main and cfg.progress else True, leave=False)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=None if rt.is_main and cfg.progress else True,
+        leave=False,
+    )
     for step, (images, target) in enumerate(bar):
         images = images.to(rt.device, non_blocking=True)
         target = target.to(rt.device, non_blocking=True)
@@ -105,7 +111,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, cfg, rt
             logits = model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
         loss = loss_fn(logits.float(), soft)
         if not math.isfinite(loss.item()):
-            raise UsageError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); lower --lr")
+            raise UsageError(
+                f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); lower --lr"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
@@ -140,7 +148,9 @@ def evaluate(model, loader, rt: Runtime) -> dict:
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             logits = model(images).float()  # (B, C): the mean centers only
         top1, top5 = top_k_correct(logits, target)
-        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"), top1, top5, target.new_tensor(len(target))])
+        sums += torch.stack(
+            [F.cross_entropy(logits, target, reduction="sum"), top1, top5, target.new_tensor(len(target))]
+        )
     loss, top1, top5, n = all_reduce_sum(sums, rt).tolist()
     return {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
@@ -199,11 +209,11 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     splits = load_data(cfg.data, cfg.subset)
     in_chans = cfg.in_chans or (1 if splits.grayscale else 3)
     hflip = cfg.hflip if cfg.hflip is not None else (0.0 if splits.name == "digits" else 0.5)
-    torch.manual_seed(cfg.seed)
+    random_seed(cfg.seed, 0)  # the same initial weights on every rank
     model = create_model(
         cfg.arch, splits.num_classes, head=cfg.head, in_chans=in_chans, num_subcenters=cfg.num_subcenters,
         center_weight=cfg.center_weight, sigma_scale=cfg.sigma_scale, sampling=cfg.sampling,
-        checkpoint_path=cfg.checkpoint_path, drop_rate=cfg.drop_rate, **_img_size_kwargs(cfg.arch, cfg.img_size),
+        img_size=cfg.img_size, checkpoint_path=cfg.checkpoint_path, drop_rate=cfg.drop_rate,
     )  # fmt: skip
     data_config = build_data_config(model, cfg.img_size, in_chans, cfg.crop_pct, cfg.interpolation)
     train_tf, val_tf = build_transforms(data_config, hflip, cfg.scale)
@@ -218,7 +228,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-        warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(train_loader),
+        warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1), step_on_epochs=False, updates_per_epoch=len(train_loader),
     )  # fmt: skip
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     mixup = None
@@ -245,15 +255,16 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         save_yaml(cfg, out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(
-            "%s %s head, %d classes, %d train / %d val images, %.2fM params, %s x%d%s",
+            "%s %s head, %d classes, %d train / %d val images, %.2fM params, %s x%d%s, %d steps/epoch per rank",
             cfg.arch, cfg.head, splits.num_classes, len(splits.train), len(splits.val), n_params / 1e6,
             rt.device, rt.world_size, f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "",
+            len(train_loader),
         )  # fmt: skip
     metrics = {}
     rows = read_metrics(out / "metrics.csv", start_epoch) if rt.is_main else []
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.time()
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: a resumed run draws what the unbroken one would
+        random_seed(cfg.seed * 1000 + epoch, rt.rank)  # per epoch: a resumed run draws what the unbroken one would
         train_sampler.set_epoch(epoch)
         scheduler.step(epoch)
         train_loss = train_one_epoch(
@@ -289,15 +300,6 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         "epochs": cfg.epochs, "best_top1": best_top1, "best_epoch": best_epoch, "last": metrics,
         "out": str(out), "wall_time_s": time.time() - start_time,
     }  # fmt: skip
-
-
-def _img_size_kwargs(arch: str, img_size: int) -> dict:
-    """Models with a fixed token grid (ViT, Swin, ...) must be built at the input size; CNNs take any size."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    fixed = cfg is not None and bool(getattr(cfg, "fixed_input_size", False))
-    return {"img_size": img_size} if fixed else {}
 
 
 def _plain(data_config: dict) -> dict:

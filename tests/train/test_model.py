@@ -5,6 +5,7 @@ import timm
 import torch
 
 from mcc_train import MultiCenterHead, UsageError, classifier_path, create_model
+from mcc_train.model import timm_size_kwargs
 
 FAST_ARCHS = ["resnet18", "mobilenetv3_small_100", "vit_tiny_patch16_224", "convnext_atto"]
 PAPER_ARCHS = [
@@ -13,21 +14,12 @@ PAPER_ARCHS = [
 ]  # fmt: skip
 
 
-def smallest_input(arch: str) -> dict:
-    """Build kwargs and input size: token-grid models at the smallest size they accept, CNNs at 32."""
-    if arch.startswith("swin"):
-        return {"img_size": 32, "window_size": 1}, 32  # 8x8 patches, four stages down to 1x1
-    if timm.models.get_pretrained_cfg(arch).fixed_input_size:
-        return {"img_size": 32}, 32
-    return {}, 32
-
-
-def check_forward_backward(arch: str, C: int = 7):
-    kwargs, size = smallest_input(arch)
+def check_forward_backward(arch: str, C: int = 7, size: int = 32):
+    """At 32x32: token-grid models are built for it (Swin's windows shrink to fit), CNNs take it as is."""
     torch.manual_seed(0)
-    model = create_model(arch, C, num_subcenters=2, **kwargs)
+    model = create_model(arch, C, num_subcenters=2, img_size=size)
     torch.manual_seed(0)
-    vanilla = timm.create_model(arch, pretrained=False, num_classes=C, **kwargs)
+    vanilla = timm.create_model(arch, pretrained=False, num_classes=C, **timm_size_kwargs(arch, size))
     head = model.get_classifier()
     path = classifier_path(model)
     assert isinstance(head, MultiCenterHead) and model.get_submodule(path) is head

@@ -97,7 +97,7 @@ class MultiCenterHead(nn.Module):
         # For one sample, x . w_c^(k) = x . w_c + sum_j x_j std_cj eps_ckj ~ N(x . w_c, sum_j x_j^2 std_cj^2).
         K = self.num_subcenters
         mean = F.linear(x, self.weight, self.bias)  # (B, C)
-        var = F.linear(x.square(), self.std().square())  # (B, C)
+        var = F.linear(x.square(), self.sigma_scale**2 * self.log_var.exp())  # (B, d) -> (B, C)
         xi = torch.randn(*mean.shape, K, device=mean.device, dtype=mean.dtype)  # (B, C, K)
         sub = mean.unsqueeze(-1) + var.clamp_min(0).sqrt().unsqueeze(-1) * xi  # (B, C, K)
         return torch.cat([mean.unsqueeze(-1), sub], dim=-1).flatten(-2)  # (B, C*(K+1))

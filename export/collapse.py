@@ -1,0 +1,78 @@
+"""From an mcc checkpoint to the test-time model: the MC head collapsed to its mean centers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from mcc_train import UsageError, classifier_path, create_model, get_mc_head, load_checkpoint
+from mcc_train.model import timm_size_kwargs
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    ckpt: dict
+    model: nn.Module  # the model as trained (MC or linear head), eval mode
+    classifier: str  # dotted path of the classifier module, e.g. "fc", "head.fc"
+
+    @property
+    def arch(self) -> str:
+        return self.ckpt["arch"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.ckpt["num_classes"]
+
+    @property
+    def in_chans(self) -> int:
+        return self.ckpt["in_chans"]
+
+    @property
+    def img_size(self) -> int:
+        return int(self.ckpt["data_config"]["input_size"][-1])
+
+
+def load_trained(path: str | Path) -> LoadedCheckpoint:
+    """Rebuild the trained model from an mcc checkpoint (strict load), in eval mode."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = create_model(
+        ckpt["arch"], ckpt["num_classes"], head=ckpt["head"], in_chans=ckpt["in_chans"],
+        num_subcenters=cfg.get("num_subcenters", 2), center_weight=cfg.get("center_weight", 0.5),
+        sigma_scale=cfg.get("sigma_scale", 0.1), sampling=cfg.get("sampling", "shared"),
+        img_size=int(ckpt["data_config"]["input_size"][-1]),
+    )  # fmt: skip
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise UsageError(
+            f"{path}: weights do not fit {ckpt['arch']} ({str(e).splitlines()[1].strip()[:120]})"
+        ) from None
+    return LoadedCheckpoint(Path(path), ckpt, model.eval(), classifier_path(model))
+
+
+def collapse(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose MultiCenterHead is replaced by ``head.to_linear()`` (mean centers, bias)."""
+    model = copy.deepcopy(model).eval()
+    head = get_mc_head(model)
+    if head is not None:
+        model.set_submodule(classifier_path(model), head.to_linear())
+    return model
+
+
+def collapsed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict a vanilla timm model of the same arch loads with strict=True."""
+    return {k: v.detach().clone().contiguous() for k, v in collapse(model).state_dict().items()}
+
+
+def vanilla_model(arch: str, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    """A fresh timm model with its own linear classifier, built directly by timm (no mcc code involved)."""
+    return timm.create_model(
+        arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_size_kwargs(arch, img_size)
+    ).eval()

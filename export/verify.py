@@ -1,0 +1,260 @@
+"""The proof that a bundle is a vanilla linear-head timm model: weights, graph, outputs, latency.
+
+``verify_bundle(bundle_dir)`` re-derives every claim from the files; nothing is taken from parity.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from safetensors.torch import load_file
+
+from mcc_train import UsageError
+from mcc_train.data import load_data
+
+from .bundle import FP16_FILE, MODEL_JSON, ONNX_FILE, PARITY_JSON, WEIGHTS_FILE, read_model_json, sha256_file
+from .collapse import LoadedCheckpoint, load_trained, vanilla_model
+from .onnx_graph import INPUT_NAME, count_flops, export_onnx, graph_signature
+
+_logger = logging.getLogger("export")
+MAX_ABS_TOL = 1e-5
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool | None  # None: information only (or skipped), never a failure
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    latency: dict = field(default_factory=dict)
+    fp16: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed is not False for c in self.checks)
+
+    def add(self, name: str, passed: bool | None, detail: str) -> bool | None:
+        self.checks.append(Check(name, passed, detail))
+        _logger.debug("%s: %s (%s)", name, passed, detail)
+        return passed
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "latency": self.latency,
+                "fp16": self.fp16}  # fmt: skip
+
+    def table(self) -> str:
+        mark = {True: "PASS", False: "FAIL", None: "info"}
+        width = max(len(c.name) for c in self.checks)
+        lines = [f"{'check'.ljust(width)}  result  detail", f"{'-' * width}  ------  {'-' * 40}"]
+        lines += [f"{c.name.ljust(width)}  {mark[c.passed]:<6}  {c.detail}" for c in self.checks]
+        lines.append(f"\n{'all checks passed' if self.passed else 'VERIFICATION FAILED'}")
+        return "\n".join(lines)
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def real_images(meta: dict, ckpt: dict | None, count: int) -> tuple[torch.Tensor | None, str]:
+    """Up to ``count`` validation images of the training data, preprocessed as model.json says."""
+    from timm.data import create_transform
+
+    if ckpt is None:
+        return None, "no source checkpoint, so no training data"
+    spec = ckpt["config"].get("data", "")
+    try:
+        val = load_data(spec).val
+    except UsageError as e:
+        return None, f"training data unavailable ({e})"
+    pre = meta["preprocess"]
+    val.mode = "L" if meta["in_chans"] == 1 else "RGB"
+    val.transform = create_transform(
+        tuple(pre["input_size"]), is_training=False, interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre.get("crop_mode"),
+    )  # fmt: skip
+    index = np.linspace(0, len(val) - 1, min(count, len(val))).astype(int)
+    return torch.stack([val[int(i)][0] for i in index]), f"{len(index)} val images of {spec}"
+
+
+def verify_bundle(
+    bundle: str | Path, checkpoint: str | Path | None = None, *, num_real: int = 32, latency_runs: int = 50
+) -> Report:
+    """Check every claim the bundle makes; see module docstring. Raises UsageError only for unreadable input."""
+    bundle = Path(bundle)
+    meta = read_model_json(bundle)
+    report = Report()
+
+    # 0. integrity: the files are the ones model.json describes, model.json the one parity.json saw
+    for name, record in meta["files"].items():
+        path = bundle / name
+        if not path.is_file():
+            report.add(f"file {name}", False, "missing")
+        elif sha256_file(path) != record["sha256"]:
+            report.add(f"file {name}", False, "sha256 differs from model.json: the file changed after export")
+        else:
+            report.add(f"file {name}", True, f"sha256 {record['sha256'][:12]}… matches model.json")
+    parity_path = bundle / PARITY_JSON
+    if parity_path.is_file():
+        recorded = json.loads(parity_path.read_text()).get("model_json_sha256")
+        same = recorded == sha256_file(bundle / MODEL_JSON)
+        report.add("file model.json", same, "unchanged since export" if same else "edited after export")
+    if not report.passed:
+        return report  # the rest would prove things about files that are not the exported ones
+
+    # the source checkpoint, when it is still there and unchanged
+    loaded: LoadedCheckpoint | None = None
+    ckpt_path = Path(checkpoint) if checkpoint else Path(meta.get("source", {}).get("checkpoint", ""))
+    if checkpoint or ckpt_path.is_file():
+        if not ckpt_path.is_file():
+            raise UsageError(f"--checkpoint {ckpt_path}: no such file")
+        if sha256_file(ckpt_path) != meta.get("source", {}).get("sha256"):
+            report.add("source checkpoint", None, f"{ckpt_path} changed since export; MC-side checks skipped")
+        else:
+            loaded = load_trained(ckpt_path)
+            report.add("source checkpoint", None, f"{ckpt_path} (sha256 matches)")
+    else:
+        report.add("source checkpoint", None, "not found; checks against the MC model are skipped")
+
+    arch, num_classes, in_chans = meta["arch"], meta["num_classes"], meta["in_chans"]
+    input_size = tuple(meta["preprocess"]["input_size"])
+    if loaded is not None:
+        ck, dc = loaded.ckpt, loaded.ckpt["data_config"]
+        fields_ok = (
+            (arch, num_classes, in_chans, meta["class_names"])
+            == (ck["arch"], ck["num_classes"], ck["in_chans"], ck["class_names"])  # fmt: skip
+            and all(meta["preprocess"][k] == dc[k] for k in ("mean", "std", "interpolation", "crop_pct"))
+            and meta["head"]["type"] == ck["head"]
+        )
+        report.add("metadata", fields_ok, "model.json agrees with the checkpoint" if fields_ok
+                   else "model.json disagrees with the checkpoint (arch, classes, preprocessing or head)")  # fmt: skip
+
+    # 1. weights
+    vanilla = vanilla_model(arch, num_classes, in_chans, input_size[-1])
+    state = load_file(bundle / WEIGHTS_FILE)
+    try:
+        vanilla.load_state_dict(state, strict=True)
+        report.add("weights: strict load", True, f"{WEIGHTS_FILE} loads with strict=True into timm {arch}")
+    except RuntimeError as e:
+        report.add("weights: strict load", False, str(e).splitlines()[0][:150])
+        return report
+    n_vanilla = sum(p.numel() for p in vanilla.parameters())
+    if loaded is not None:
+        n_mc = sum(p.numel() for p in loaded.model.parameters())
+        n_log_var = sum(p.numel() for n, p in loaded.model.named_parameters() if n.endswith(".log_var"))
+        report.add("weights: parameter count", n_mc - n_log_var == n_vanilla,
+                   f"MC model without log_var {n_mc - n_log_var:,} = vanilla {n_vanilla:,} "
+                   f"(log_var, training only: {n_log_var:,})")  # fmt: skip
+        mc_state = loaded.model.state_dict()
+        dropped = sorted(set(mc_state) - set(state))
+        expected = [f"{loaded.classifier}.log_var"] if meta["head"]["type"] == "mc" else []
+        same = all(torch.equal(mc_state[k], v) for k, v in state.items())
+        report.add("weights: dropped keys", dropped == expected and set(state) <= set(mc_state),
+                   f"dropped {dropped or 'nothing'}")  # fmt: skip
+        report.add("weights: values", same, "every kept tensor equals the checkpoint's" if same else "tensors differ")
+
+    # 2. graph: the same structure as a vanilla timm model exported the same way
+    exported = onnx.load(str(bundle / ONNX_FILE))
+    with tempfile.TemporaryDirectory() as tmp:
+        reference_path = Path(tmp) / "vanilla.onnx"
+        # NOTE: the reference carries the bundle's weights too: the exporter's optimizer folds and deduplicates
+        # constants by value, so only equal weights make equal graphs comparable.
+        export_onnx(vanilla, reference_path, input_size, exported.opset_import[0].version)
+        reference = onnx.load(str(reference_path))
+        ours, theirs = graph_signature(exported), graph_signature(reference)
+        report.add("graph: op sequence", ours["ops"] == theirs["ops"], f"{len(ours['ops'])} nodes")
+        report.add("graph: attributes", ours["attributes"] == theirs["attributes"], "node attributes identical"
+                   if ours["attributes"] == theirs["attributes"] else "node attributes differ")  # fmt: skip
+        report.add("graph: initializer shapes", ours["initializers"] == theirs["initializers"],
+                   f"{len(ours['initializers'])} initializers")  # fmt: skip
+        io_same = (ours["inputs"], ours["outputs"]) == (theirs["inputs"], theirs["outputs"])
+        report.add("graph: inputs/outputs", io_same, f"{ours['inputs'][0][2]} -> {ours['outputs'][0][2]}")
+        flops, flops_ref = count_flops(exported), count_flops(reference)
+        report.add(
+            "graph: FLOPs", flops == flops_ref, f"{flops / 1e6:,.2f} MFLOPs per image, vanilla {flops_ref / 1e6:,.2f}"
+        )
+        shape_ok = ours["outputs"][0][2][1:] == [num_classes] and ours["inputs"][0][2][1:] == list(input_size)
+        report.add("graph: matches model.json", shape_ok, f"input {list(input_size)}, {num_classes} classes")
+
+        # 3. outputs
+        ours_sess = session(bundle / ONNX_FILE)
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"random": torch.randn(8, *input_size, generator=generator)}
+        images, source = real_images(meta, loaded.ckpt if loaded else None, num_real)
+        if images is not None:
+            inputs["real"] = images
+        with torch.no_grad():
+            for kind, x in inputs.items():
+                onnx_logits = ours_sess.run(None, {INPUT_NAME: x.numpy()})[0]
+                torch_logits = (loaded.model if loaded else vanilla)(x).numpy()
+                err = float(np.abs(onnx_logits - torch_logits).max())
+                who = "MC model (eval)" if loaded else "timm model with the bundle's weights"
+                report.add(f"outputs: ORT vs PyTorch ({kind})", err <= MAX_ABS_TOL,
+                           f"max-abs {err:.2e} <= {MAX_ABS_TOL:g} against the {who}, {len(x)} inputs")  # fmt: skip
+                agree = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
+                report.add(f"outputs: top-1 agreement ({kind})", agree == 1.0, f"{100 * agree:.1f}%")
+                if loaded:
+                    identical = torch.equal(vanilla(x), loaded.model(x))
+                    report.add(f"outputs: vanilla == MC bit for bit ({kind})", identical,
+                               "timm model with the collapsed weights gives identical logits" if identical
+                               else "logits differ")  # fmt: skip
+        if images is None:
+            report.add("outputs: real images", None, f"skipped: {source}")
+
+        # 4. latency against the vanilla export, interleaved in one process
+        report.latency = measure_latency(bundle / ONNX_FILE, reference_path, input_size, latency_runs)
+        for batch, r in report.latency.items():
+            report.add(f"latency (batch {batch})", None,
+                       f"{r['ours_ms']:.3f} ms vs vanilla {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}")  # fmt: skip
+
+    if (bundle / FP16_FILE).is_file() and images is not None:
+        report.fp16 = fp16_report(bundle, ours_sess, images)
+        report.add("fp16 model (reported)", None, f"max-abs {report.fp16['max_abs']:.2e}, top-1 agreement "
+                   f"{100 * report.fp16['top1_agreement']:.1f}% on {report.fp16['images']} real images")  # fmt: skip
+    return report
+
+
+def measure_latency(ours: Path, vanilla: Path, input_size, runs: int, batches=(1,)) -> dict:
+    """Median ORT latency of both models, same session options, runs interleaved; ratio ours / vanilla."""
+    sessions = {"ours": session(ours), "vanilla": session(vanilla)}
+    result = {}
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)
+        times = {k: [] for k in sessions}
+        for i in range(runs + 5):
+            for k, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, {INPUT_NAME: x})
+                if i >= 5:  # warm-up
+                    times[k].append(time.perf_counter() - start)
+        med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        result[str(batch)] = {
+            "ours_ms": med["ours"],
+            "vanilla_ms": med["vanilla"],
+            "ratio": med["ours"] / med["vanilla"],
+        }
+    return result
+
+
+def fp16_report(bundle: Path, fp32: ort.InferenceSession, images: torch.Tensor) -> dict:
+    fp16 = session(bundle / FP16_FILE)
+    a = fp32.run(None, {INPUT_NAME: images.numpy()})[0]
+    b = fp16.run(None, {INPUT_NAME: images.numpy()})[0]
+    return {"max_abs": float(np.abs(a - b).max()), "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+            "images": len(images)}  # fmt: skip

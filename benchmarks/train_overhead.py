@@ -79,8 +79,17 @@ def main() -> None:
     t = time_interleaved(steps, args.repeats)
     ratio = median_ms(t["mc"]) / median_ms(t["linear"])
     record["resnet18_28px_c10"] = {"linear_ms": median_ms(t["linear"]), "mc_ms": median_ms(t["mc"]), "ratio": ratio}
-    rows.append(["(a) resnet18 28x28, C=10, step", "shared", median_ms(t["linear"]), median_ms(t["mc"]),
-                 f"{ratio:.3f}", "<= 1.03", "yes" if ratio <= 1.03 else "NO"])  # fmt: skip
+    rows.append(
+        [
+            "(a) resnet18 28x28, C=10, step",
+            "shared",
+            median_ms(t["linear"]),
+            median_ms(t["mc"]),
+            f"{ratio:.3f}",
+            "<= 1.03",
+            "yes" if ratio <= 1.03 else "NO",
+        ]
+    )
 
     # (b) C=1000 head on 2048-d features
     feats = torch.randn(args.batch_size, 2048, device=dev)
@@ -93,10 +102,22 @@ def main() -> None:
     t = time_interleaved({k: make_step(h.to(dev), feats, y) for k, h in heads.items()}, args.repeats)
     for mode in ("shared", "local"):
         ratio = median_ms(t[mode]) / median_ms(t["linear"])
-        record[f"head_c1000_d2048_{mode}"] = {"linear_ms": median_ms(t["linear"]), "mc_ms": median_ms(t[mode]),
-                                              "ratio": ratio}  # fmt: skip
-        rows.append(["(b) C=1000 head on 2048-d, step", mode, median_ms(t["linear"]), median_ms(t[mode]),
-                     f"{ratio:.3f}", "<= 3.5", "yes" if ratio <= 3.5 else "NO"])  # fmt: skip
+        record[f"head_c1000_d2048_{mode}"] = {
+            "linear_ms": median_ms(t["linear"]),
+            "mc_ms": median_ms(t[mode]),
+            "ratio": ratio,
+        }
+        rows.append(
+            [
+                "(b) C=1000 head on 2048-d, step",
+                mode,
+                median_ms(t["linear"]),
+                median_ms(t[mode]),
+                f"{ratio:.3f}",
+                "<= 3.5",
+                "yes" if ratio <= 3.5 else "NO",
+            ]
+        )
 
     # (c) drawing the sub-centers, C=1000, d=2048, K=2
     head = heads["shared"]
@@ -105,11 +126,23 @@ def main() -> None:
         max(5, args.repeats // 3),
     )
     speedup = median_ms(t["loop"]) / median_ms(t["vectorised"])
-    record["draw_c1000"] = {"loop_ms": median_ms(t["loop"]), "vectorised_ms": median_ms(t["vectorised"]),
-                            "speedup": speedup}  # fmt: skip
+    record["draw_c1000"] = {
+        "loop_ms": median_ms(t["loop"]),
+        "vectorised_ms": median_ms(t["vectorised"]),
+        "speedup": speedup,
+    }
     met = "yes" if speedup >= 20 else "NO"
-    rows.append(["(c) draw C*K*d sub-centers, C=1000", "loop vs vectorised", median_ms(t["loop"]),
-                 median_ms(t["vectorised"]), f"{speedup:.1f}x", ">= 20x", met])  # fmt: skip
+    rows.append(
+        [
+            "(c) draw C*K*d sub-centers, C=1000",
+            "loop vs vectorised",
+            median_ms(t["loop"]),
+            median_ms(t["vectorised"]),
+            f"{speedup:.1f}x",
+            ">= 20x",
+            met,
+        ]
+    )
 
     print(f"\ntrain overhead on {dev}, batch {args.batch_size}, medians of {args.repeats} interleaved runs\n")
     table = print_table(["measurement", "mode", "baseline ms", "MC ms", "ratio", "target", "met"], rows)

@@ -1,7 +1,7 @@
 """export: collapse an MC checkpoint to its mean head, write a verified ONNX bundle (mcc-export)."""
 
 from .bundle import read_model_json
-from .exporter import ExportConfig, VerificationFailed, export_checkpoint
+from .exporter import ExportConfig, VerificationError, export_checkpoint
 from .verify import Report, verify_bundle
 
-__all__ = ["ExportConfig", "Report", "VerificationFailed", "export_checkpoint", "read_model_json", "verify_bundle"]
+__all__ = ["ExportConfig", "Report", "VerificationError", "export_checkpoint", "read_model_json", "verify_bundle"]

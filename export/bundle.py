@@ -31,8 +31,12 @@ from mcc_train import UsageError
 FORMAT = "mcc-bundle"
 VERSION = 1
 MODEL_JSON, ONNX_FILE, WEIGHTS_FILE, FP16_FILE, PARITY_JSON = (
-    "model.json", "model.onnx", "model.safetensors", "model_fp16.onnx", "parity.json"
-)  # fmt: skip
+    "model.json",
+    "model.onnx",
+    "model.safetensors",
+    "model_fp16.onnx",
+    "parity.json",
+)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s", force=True)
     try:
-        from .exporter import ExportConfig, VerificationFailed, export_checkpoint
+        from .exporter import ExportConfig, VerificationError, export_checkpoint
         from .verify import verify_bundle
 
         if args.latency_runs < 1:
@@ -56,15 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         if not args.checkpoint or not args.out:
             raise UsageError("give a CHECKPOINT and --out BUNDLE_DIR (or --verify BUNDLE_DIR)")
         cfg = ExportConfig(
-            args.checkpoint, args.out, opset=args.opset, fp16=args.fp16, overwrite=args.overwrite,
-            image_size=tuple(args.image_size) if args.image_size else None, latency_runs=args.latency_runs,
-        )  # fmt: skip
+            args.checkpoint,
+            args.out,
+            opset=args.opset,
+            fp16=args.fp16,
+            overwrite=args.overwrite,
+            image_size=tuple(args.image_size) if args.image_size else None,
+            latency_runs=args.latency_runs,
+        )
         try:
             report = export_checkpoint(cfg)
-        except VerificationFailed as failed:
+        except VerificationError as failed:
             print(failed.report.table())
-            print(f"mcc-export: error: the export of {args.checkpoint} failed verification; nothing was written",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"mcc-export: error: the export of {args.checkpoint} failed verification; nothing was written",
+                file=sys.stderr,
+            )
             return 1
         print(report.table())
         print(f"mcc-export: wrote {args.out}/ (model.onnx, model.safetensors, model.json, parity.json)")

@@ -43,11 +43,16 @@ def load_trained(path: str | Path) -> LoadedCheckpoint:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     model = create_model(
-        ckpt["arch"], ckpt["num_classes"], head=ckpt["head"], in_chans=ckpt["in_chans"],
-        num_subcenters=cfg.get("num_subcenters", 2), center_weight=cfg.get("center_weight", 0.5),
-        sigma_scale=cfg.get("sigma_scale", 0.1), sampling=cfg.get("sampling", "shared"),
+        ckpt["arch"],
+        ckpt["num_classes"],
+        head=ckpt["head"],
+        in_chans=ckpt["in_chans"],
+        num_subcenters=cfg.get("num_subcenters", 2),
+        center_weight=cfg.get("center_weight", 0.5),
+        sigma_scale=cfg.get("sigma_scale", 0.1),
+        sampling=cfg.get("sampling", "shared"),
         img_size=int(ckpt["data_config"]["input_size"][-1]),
-    )  # fmt: skip
+    )
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:

@@ -16,9 +16,18 @@ from safetensors.torch import save_file
 from mcc_train import UsageError
 
 from .bundle import (
-    FORMAT, FP16_FILE, MODEL_JSON, ONNX_FILE, PARITY_JSON, VERSION, WEIGHTS_FILE, file_record, sha256_file,
-    staged_bundle, write_json,
-)  # fmt: skip
+    FORMAT,
+    FP16_FILE,
+    MODEL_JSON,
+    ONNX_FILE,
+    PARITY_JSON,
+    VERSION,
+    WEIGHTS_FILE,
+    file_record,
+    sha256_file,
+    staged_bundle,
+    write_json,
+)
 from .collapse import collapse, collapsed_state_dict, load_trained
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .verify import Report, verify_bundle
@@ -79,15 +88,18 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         write_json(tmp / MODEL_JSON, meta)
         _logger.info("verifying the bundle (weights, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
-        parity = {**report.to_dict(), "model_json_sha256": sha256_file(tmp / MODEL_JSON),
-                  "seconds": round(time.time() - started, 1)}  # fmt: skip
+        parity = {
+            **report.to_dict(),
+            "model_json_sha256": sha256_file(tmp / MODEL_JSON),
+            "seconds": round(time.time() - started, 1),
+        }
         write_json(tmp / PARITY_JSON, json.loads(json.dumps(parity)))
         if not report.passed:
-            raise VerificationFailed(report)
+            raise VerificationError(report)
     return report
 
 
-class VerificationFailed(Exception):
+class VerificationError(Exception):
     """The exported bundle failed its proof; nothing was written."""
 
     def __init__(self, report: Report):
@@ -137,7 +149,7 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
             "torch": torch.__version__,
             "timm": timm.__version__,
             "onnx": onnx.__version__,
-        },  # fmt: skip
+        },
     }
 
 

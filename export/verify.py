@@ -53,8 +53,12 @@ class Report:
         return passed
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "latency": self.latency,
-                "fp16": self.fp16}  # fmt: skip
+        return {
+            "passed": self.passed,
+            "checks": [asdict(c) for c in self.checks],
+            "latency": self.latency,
+            "fp16": self.fp16,
+        }
 
     def table(self) -> str:
         mark = {True: "PASS", False: "FAIL", None: "info"}
@@ -86,9 +90,14 @@ def real_images(meta: dict, ckpt: dict | None, count: int) -> tuple[torch.Tensor
     pre = meta["preprocess"]
     val.mode = "L" if meta["in_chans"] == 1 else "RGB"
     val.transform = create_transform(
-        tuple(pre["input_size"]), is_training=False, interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre.get("crop_mode"),
-    )  # fmt: skip
+        tuple(pre["input_size"]),
+        is_training=False,
+        interpolation=pre["interpolation"],
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        crop_pct=pre["crop_pct"],
+        crop_mode=pre.get("crop_mode"),
+    )
     index = np.linspace(0, len(val) - 1, min(count, len(val))).astype(int)
     return torch.stack([val[int(i)][0] for i in index]), f"{len(index)} val images of {spec}"
 
@@ -138,12 +147,17 @@ def verify_bundle(
         ck, dc = loaded.ckpt, loaded.ckpt["data_config"]
         fields_ok = (
             (arch, num_classes, in_chans, meta["class_names"])
-            == (ck["arch"], ck["num_classes"], ck["in_chans"], ck["class_names"])  # fmt: skip
+            == (ck["arch"], ck["num_classes"], ck["in_chans"], ck["class_names"])
             and all(meta["preprocess"][k] == dc[k] for k in ("mean", "std", "interpolation", "crop_pct"))
             and meta["head"]["type"] == ck["head"]
         )
-        report.add("metadata", fields_ok, "model.json agrees with the checkpoint" if fields_ok
-                   else "model.json disagrees with the checkpoint (arch, classes, preprocessing or head)")  # fmt: skip
+        report.add(
+            "metadata",
+            fields_ok,
+            "model.json agrees with the checkpoint"
+            if fields_ok
+            else "model.json disagrees with the checkpoint (arch, classes, preprocessing or head)",
+        )
 
     # 1. weights
     vanilla = vanilla_model(arch, num_classes, in_chans, input_size[-1])
@@ -158,15 +172,21 @@ def verify_bundle(
     if loaded is not None:
         n_mc = sum(p.numel() for p in loaded.model.parameters())
         n_log_var = sum(p.numel() for n, p in loaded.model.named_parameters() if n.endswith(".log_var"))
-        report.add("weights: parameter count", n_mc - n_log_var == n_vanilla,
-                   f"MC model without log_var {n_mc - n_log_var:,} = vanilla {n_vanilla:,} "
-                   f"(log_var, training only: {n_log_var:,})")  # fmt: skip
+        report.add(
+            "weights: parameter count",
+            n_mc - n_log_var == n_vanilla,
+            f"MC model without log_var {n_mc - n_log_var:,} = vanilla {n_vanilla:,} "
+            f"(log_var, training only: {n_log_var:,})",
+        )
         mc_state = loaded.model.state_dict()
         dropped = sorted(set(mc_state) - set(state))
         expected = [f"{loaded.classifier}.log_var"] if meta["head"]["type"] == "mc" else []
         same = all(torch.equal(mc_state[k], v) for k, v in state.items())
-        report.add("weights: dropped keys", dropped == expected and set(state) <= set(mc_state),
-                   f"dropped {dropped or 'nothing'}")  # fmt: skip
+        report.add(
+            "weights: dropped keys",
+            dropped == expected and set(state) <= set(mc_state),
+            f"dropped {dropped or 'nothing'}",
+        )
         report.add("weights: values", same, "every kept tensor equals the checkpoint's" if same else "tensors differ")
 
     # 2. graph: the same structure as a vanilla timm model exported the same way
@@ -179,10 +199,16 @@ def verify_bundle(
         reference = onnx.load(str(reference_path))
         ours, theirs = graph_signature(exported), graph_signature(reference)
         report.add("graph: op sequence", ours["ops"] == theirs["ops"], f"{len(ours['ops'])} nodes")
-        report.add("graph: attributes", ours["attributes"] == theirs["attributes"], "node attributes identical"
-                   if ours["attributes"] == theirs["attributes"] else "node attributes differ")  # fmt: skip
-        report.add("graph: initializer shapes", ours["initializers"] == theirs["initializers"],
-                   f"{len(ours['initializers'])} initializers")  # fmt: skip
+        report.add(
+            "graph: attributes",
+            ours["attributes"] == theirs["attributes"],
+            "node attributes identical" if ours["attributes"] == theirs["attributes"] else "node attributes differ",
+        )
+        report.add(
+            "graph: initializer shapes",
+            ours["initializers"] == theirs["initializers"],
+            f"{len(ours['initializers'])} initializers",
+        )
         io_same = (ours["inputs"], ours["outputs"]) == (theirs["inputs"], theirs["outputs"])
         report.add("graph: inputs/outputs", io_same, f"{ours['inputs'][0][2]} -> {ours['outputs'][0][2]}")
         flops, flops_ref = count_flops(exported), count_flops(reference)
@@ -205,28 +231,42 @@ def verify_bundle(
                 torch_logits = (loaded.model if loaded else vanilla)(x).numpy()
                 err = float(np.abs(onnx_logits - torch_logits).max())
                 who = "MC model (eval)" if loaded else "timm model with the bundle's weights"
-                report.add(f"outputs: ORT vs PyTorch ({kind})", err <= MAX_ABS_TOL,
-                           f"max-abs {err:.2e} <= {MAX_ABS_TOL:g} against the {who}, {len(x)} inputs")  # fmt: skip
+                report.add(
+                    f"outputs: ORT vs PyTorch ({kind})",
+                    err <= MAX_ABS_TOL,
+                    f"max-abs {err:.2e} <= {MAX_ABS_TOL:g} against the {who}, {len(x)} inputs",
+                )
                 agree = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
                 report.add(f"outputs: top-1 agreement ({kind})", agree == 1.0, f"{100 * agree:.1f}%")
                 if loaded:
                     identical = torch.equal(vanilla(x), loaded.model(x))
-                    report.add(f"outputs: vanilla == MC bit for bit ({kind})", identical,
-                               "timm model with the collapsed weights gives identical logits" if identical
-                               else "logits differ")  # fmt: skip
+                    report.add(
+                        f"outputs: vanilla == MC bit for bit ({kind})",
+                        identical,
+                        "timm model with the collapsed weights gives identical logits"
+                        if identical
+                        else "logits differ",
+                    )
         if images is None:
             report.add("outputs: real images", None, f"skipped: {source}")
 
         # 4. latency against the vanilla export, interleaved in one process
         report.latency = measure_latency(bundle / ONNX_FILE, reference_path, input_size, latency_runs)
         for batch, r in report.latency.items():
-            report.add(f"latency (batch {batch})", None,
-                       f"{r['ours_ms']:.3f} ms vs vanilla {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}")  # fmt: skip
+            report.add(
+                f"latency (batch {batch})",
+                None,
+                f"{r['ours_ms']:.3f} ms vs vanilla {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}",
+            )
 
     if (bundle / FP16_FILE).is_file() and images is not None:
         report.fp16 = fp16_report(bundle, ours_sess, images)
-        report.add("fp16 model (reported)", None, f"max-abs {report.fp16['max_abs']:.2e}, top-1 agreement "
-                   f"{100 * report.fp16['top1_agreement']:.1f}% on {report.fp16['images']} real images")  # fmt: skip
+        report.add(
+            "fp16 model (reported)",
+            None,
+            f"max-abs {report.fp16['max_abs']:.2e}, top-1 agreement "
+            f"{100 * report.fp16['top1_agreement']:.1f}% on {report.fp16['images']} real images",
+        )
     return report
 
 
@@ -256,5 +296,8 @@ def fp16_report(bundle: Path, fp32: ort.InferenceSession, images: torch.Tensor) 
     fp16 = session(bundle / FP16_FILE)
     a = fp32.run(None, {INPUT_NAME: images.numpy()})[0]
     b = fp16.run(None, {INPUT_NAME: images.numpy()})[0]
-    return {"max_abs": float(np.abs(a - b).max()), "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
-            "images": len(images)}  # fmt: skip
+    return {
+        "max_abs": float(np.abs(a - b).max()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "images": len(images),
+    }

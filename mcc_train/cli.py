@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if rank == 0 and cfg is not None:
-            print(f"mcc-train: interrupted; the last complete epoch is in {cfg.out}/last.pt: continue with "
-                  f"--resume {cfg.out}/last.pt", file=sys.stderr)  # fmt: skip
+            print(
+                f"mcc-train: interrupted; the last complete epoch is in {cfg.out}/last.pt: continue with "
+                f"--resume {cfg.out}/last.pt",
+                file=sys.stderr,
+            )
         return 130
     if rank == 0:
         print(

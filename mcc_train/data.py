@@ -23,8 +23,17 @@ from .errors import UsageError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATA_KINDS = ("digits", "fashion-mnist", "imagefolder", "cifar10", "cifar100")
 
@@ -189,12 +198,20 @@ def _cifar(root: Path, kind: str, spec: str) -> DataSplits:
         raise UsageError(f"--data {spec}: no directory {root}")
     if kind == "cifar10":
         train_files, test_file, meta_file, label_key, names_key = (
-            [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", b"labels", b"label_names"
-        )  # fmt: skip
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "batches.meta",
+            b"labels",
+            b"label_names",
+        )
     else:
         train_files, test_file, meta_file, label_key, names_key = (
-            ["train"], "test", "meta", b"fine_labels", b"fine_label_names"
-        )  # fmt: skip
+            ["train"],
+            "test",
+            "meta",
+            b"fine_labels",
+            b"fine_label_names",
+        )
 
     def read(name: str) -> dict:
         path = root / name

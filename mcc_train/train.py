@@ -160,14 +160,22 @@ def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
     pin = rt.device.type == "cuda"
     train_sampler = DistributedSampler(splits.train, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed)
     train = DataLoader(
-        splits.train, cfg.batch_size, sampler=train_sampler, num_workers=cfg.workers, pin_memory=pin,
-        drop_last=True, persistent_workers=cfg.workers > 0,
-    )  # fmt: skip
+        splits.train,
+        cfg.batch_size,
+        sampler=train_sampler,
+        num_workers=cfg.workers,
+        pin_memory=pin,
+        drop_last=True,
+        persistent_workers=cfg.workers > 0,
+    )
     val_index = list(range(rt.rank, len(splits.val), rt.world_size))  # every val image exactly once over ranks
     val = DataLoader(
-        torch.utils.data.Subset(splits.val, val_index), cfg.batch_size * 2, num_workers=cfg.workers, pin_memory=pin,
+        torch.utils.data.Subset(splits.val, val_index),
+        cfg.batch_size * 2,
+        num_workers=cfg.workers,
+        pin_memory=pin,
         persistent_workers=cfg.workers > 0,
-    )  # fmt: skip
+    )
     if len(train) == 0:
         raise UsageError(
             f"--batch-size {cfg.batch_size} is larger than the {len(splits.train) // rt.world_size} training images "
@@ -211,10 +219,18 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     hflip = cfg.hflip if cfg.hflip is not None else (0.0 if splits.name == "digits" else 0.5)
     random_seed(cfg.seed, 0)  # the same initial weights on every rank
     model = create_model(
-        cfg.arch, splits.num_classes, head=cfg.head, in_chans=in_chans, num_subcenters=cfg.num_subcenters,
-        center_weight=cfg.center_weight, sigma_scale=cfg.sigma_scale, sampling=cfg.sampling,
-        img_size=cfg.img_size, checkpoint_path=cfg.checkpoint_path, drop_rate=cfg.drop_rate,
-    )  # fmt: skip
+        cfg.arch,
+        splits.num_classes,
+        head=cfg.head,
+        in_chans=in_chans,
+        num_subcenters=cfg.num_subcenters,
+        center_weight=cfg.center_weight,
+        sigma_scale=cfg.sigma_scale,
+        sampling=cfg.sampling,
+        img_size=cfg.img_size,
+        checkpoint_path=cfg.checkpoint_path,
+        drop_rate=cfg.drop_rate,
+    )
     data_config = build_data_config(model, cfg.img_size, in_chans, cfg.crop_pct, cfg.interpolation)
     train_tf, val_tf = build_transforms(data_config, hflip, cfg.scale)
     set_transforms(splits, train_tf, val_tf, in_chans)
@@ -227,16 +243,24 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     loss_fn = MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy()
     optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-        warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1), step_on_epochs=False, updates_per_epoch=len(train_loader),
-    )  # fmt: skip
+        optimizer,
+        sched="cosine",
+        num_epochs=cfg.epochs,
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr,
+        warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),
+        step_on_epochs=False,
+        updates_per_epoch=len(train_loader),
+    )
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(
-            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            label_smoothing=cfg.label_smoothing,
             num_classes=splits.num_classes,
-        )  # fmt: skip
+        )
 
     start_epoch, best_top1, best_epoch = 0, -1.0, 0
     if resume is not None:
@@ -248,18 +272,28 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         start_epoch, best_top1, best_epoch = resume["epoch"], resume["best_top1"], resume["best_epoch"]
         if start_epoch >= cfg.epochs:
             raise UsageError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; raise --epochs to go on")
-    ddp_model = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None) \
-        if rt.distributed else model  # fmt: skip
+    ddp_model = (
+        DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+        if rt.distributed
+        else model
+    )
 
     if rt.is_main:
         save_yaml(cfg, out / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(
             "%s %s head, %d classes, %d train / %d val images, %.2fM params, %s x%d%s, %d steps/epoch per rank",
-            cfg.arch, cfg.head, splits.num_classes, len(splits.train), len(splits.val), n_params / 1e6,
-            rt.device, rt.world_size, f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "",
+            cfg.arch,
+            cfg.head,
+            splits.num_classes,
+            len(splits.train),
+            len(splits.val),
+            n_params / 1e6,
+            rt.device,
+            rt.world_size,
+            f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "",
             len(train_loader),
-        )  # fmt: skip
+        )
     metrics = {}
     rows = read_metrics(out / "metrics.csv", start_epoch) if rt.is_main else []
     for epoch in range(start_epoch, cfg.epochs):
@@ -279,12 +313,22 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             best_top1, best_epoch = metrics["top1"], epoch + 1
         if rt.is_main:
             state = {
-                "arch": cfg.arch, "head": cfg.head, "num_classes": splits.num_classes, "in_chans": in_chans,
-                "class_names": splits.class_names, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch + 1, "config": cfg.to_dict(), "data_config": _plain(data_config),
-                "metrics": metrics, "best_top1": best_top1, "best_epoch": best_epoch,
-            }  # fmt: skip
+                "arch": cfg.arch,
+                "head": cfg.head,
+                "num_classes": splits.num_classes,
+                "in_chans": in_chans,
+                "class_names": splits.class_names,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "epoch": epoch + 1,
+                "config": cfg.to_dict(),
+                "data_config": _plain(data_config),
+                "metrics": metrics,
+                "best_top1": best_top1,
+                "best_epoch": best_epoch,
+            }
             rows.append(metrics)
             write_metrics(out / "metrics.csv", rows)  # before the checkpoint: a resume trims rows past it
             save_checkpoint(state, out / "last.pt")
@@ -293,13 +337,24 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             plot_curves(out / "metrics.csv", out / "curves.png")
             _logger.info(
                 "epoch %d/%d  train_loss %.4f  eval_loss %.4f  top1 %.2f  top5 %.2f  lr %.2e%s  (%.1fs)",
-                epoch + 1, cfg.epochs, train_loss, metrics["eval_loss"], metrics["top1"], metrics["top5"], lr,
-                f"  std {metrics['sub_center_std']:.4f}" if head is not None else "", metrics["epoch_time_s"],
-            )  # fmt: skip
+                epoch + 1,
+                cfg.epochs,
+                train_loss,
+                metrics["eval_loss"],
+                metrics["top1"],
+                metrics["top5"],
+                lr,
+                f"  std {metrics['sub_center_std']:.4f}" if head is not None else "",
+                metrics["epoch_time_s"],
+            )
     return {
-        "epochs": cfg.epochs, "best_top1": best_top1, "best_epoch": best_epoch, "last": metrics,
-        "out": str(out), "wall_time_s": time.time() - start_time,
-    }  # fmt: skip
+        "epochs": cfg.epochs,
+        "best_top1": best_top1,
+        "best_epoch": best_epoch,
+        "last": metrics,
+        "out": str(out),
+        "wall_time_s": time.time() - start_time,
+    }
 
 
 def _plain(data_config: dict) -> dict:

@@ -11,8 +11,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # resnet10t at 16x16 on 128 digits: a real training run in seconds on 2 cores
-FAST_TRAIN = ["--arch", "resnet10t", "--img-size", "16", "--subset", "128", "--batch-size", "32", "--workers", "0",
-              "--no-progress"]  # fmt: skip
+FAST_TRAIN = [
+    "--arch",
+    "resnet10t",
+    "--img-size",
+    "16",
+    "--subset",
+    "128",
+    "--batch-size",
+    "32",
+    "--workers",
+    "0",
+    "--no-progress",
+]
 
 
 def make_imagefolder(root: Path, classes=("cat", "dog", "fish"), per_class=6, size=20, mode="RGB") -> Path:
@@ -61,9 +72,23 @@ def make_checkpoint(path: Path, arch: str, head: str = "mc", img_size: int = 32,
     dc = build_data_config(model, img_size, in_chans, cfg.crop_pct, cfg.interpolation)
     dc = {k: list(v) if isinstance(v, tuple) else v for k, v in dc.items()}
     save_checkpoint(
-        {"arch": arch, "head": head, "num_classes": 10, "in_chans": in_chans, "class_names": [str(i) for i in range(10)],
-         "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None, "epoch": 1,
-         "config": cfg.to_dict(), "data_config": dc, "metrics": {"top1": 10.0}, "best_top1": 10.0, "best_epoch": 1},
+        {
+            "arch": arch,
+            "head": head,
+            "num_classes": 10,
+            "in_chans": in_chans,
+            "class_names": [str(i) for i in range(10)],
+            "model": model.state_dict(),
+            "optimizer": {},
+            "scheduler": {},
+            "scaler": None,
+            "epoch": 1,
+            "config": cfg.to_dict(),
+            "data_config": dc,
+            "metrics": {"top1": 10.0},
+            "best_top1": 10.0,
+            "best_epoch": 1,
+        },
         path,
-    )  # fmt: skip
+    )
     return path

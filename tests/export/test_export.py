@@ -31,8 +31,9 @@ def check_bundle(bundle, arch, in_chans, img_size):
     parity = json.loads((bundle / "parity.json").read_text())
     assert parity["passed"] and not [c for c in parity["checks"] if c["passed"] is False]
     # a user without mcc: timm + safetensors, strict
-    model = timm.create_model(arch, num_classes=10, in_chans=in_chans,
-                              **({"img_size": img_size} if arch.startswith(("vit", "deit")) else {})).eval()  # fmt: skip
+    model = timm.create_model(
+        arch, num_classes=10, in_chans=in_chans, **({"img_size": img_size} if arch.startswith(("vit", "deit")) else {})
+    ).eval()
     model.load_state_dict(load_file(bundle / "model.safetensors"), strict=True)
     x = torch.randn(3, in_chans, img_size, img_size)  # batch 3: the batch axis is dynamic
     out = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x.numpy()})[0]
@@ -54,17 +55,27 @@ def test_trained_checkpoint_exports_with_real_image_parity(trained_run, tmp_path
     assert names["graph: FLOPs"]["passed"] and report.latency["1"]["ratio"] > 0
     ckpt = load_checkpoint(trained_run / "best.pt")
     assert meta["preprocess"]["mean"] == ckpt["data_config"]["mean"] and meta["class_names"] == ckpt["class_names"]
-    assert meta["head"] == {"type": "mc", "classifier": "fc", "num_subcenters": 2, "center_weight": 0.5,
-                            "sigma_scale": 0.1, "sampling": "shared"}  # fmt: skip
+    assert meta["head"] == {
+        "type": "mc",
+        "classifier": "fc",
+        "num_subcenters": 2,
+        "center_weight": 0.5,
+        "sigma_scale": 0.1,
+        "sampling": "shared",
+    }
     assert meta["source"]["sha256"] == sha256_file(trained_run / "best.pt") and meta["metrics"]["top1"] >= 0
     assert verify_bundle(tmp_path / "b", latency_runs=2).passed  # again, from the files alone
 
 
 @pytest.mark.parametrize(
     "arch",
-    ["mobilenetv3_small_100", "vit_tiny_patch16_224",
-     pytest.param("resnet50", marks=pytest.mark.slow), pytest.param("deit_small_patch16_224", marks=pytest.mark.slow)],
-)  # fmt: skip
+    [
+        "mobilenetv3_small_100",
+        "vit_tiny_patch16_224",
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        pytest.param("deit_small_patch16_224", marks=pytest.mark.slow),
+    ],
+)
 def test_archs_export_as_their_vanilla_model(arch, tmp_path):
     ckpt = make_checkpoint(tmp_path / "mc.pt", arch)
     assert export_checkpoint(ExportConfig(str(ckpt), str(tmp_path / "b"), **FAST)).passed

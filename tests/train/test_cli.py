@@ -69,8 +69,12 @@ def test_kill_9_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([PYTHON, "-m", "mcc_train", *args, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "mcc_train", *args, "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -144,8 +148,22 @@ def test_imagefolder_trains_and_keeps_class_names(tmp_path):
 
 def test_imagefolder_problems_are_named(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "data")
-    args = ["--arch", "resnet10t", "--img-size", "16", "--batch-size", "6", "--workers", "0", "--epochs", "1",
-            "--data", f"imagefolder:{root}", "--out", str(tmp_path / "o")]  # fmt: skip
+    args = [
+        "--arch",
+        "resnet10t",
+        "--img-size",
+        "16",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--epochs",
+        "1",
+        "--data",
+        f"imagefolder:{root}",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     (root / "train" / "bird").mkdir()
     (root / "val" / "bird").mkdir()
     assert main(args) == 2
@@ -161,8 +179,22 @@ def test_truncated_image_found_during_training_is_named(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "data", per_class=2)
     bad = root / "train" / "dog" / "1.png"
     bad.write_bytes(bad.read_bytes()[:60])  # valid header, truncated pixels
-    args = ["--arch", "resnet10t", "--img-size", "16", "--batch-size", "2", "--workers", "1", "--epochs", "1",
-            "--data", f"imagefolder:{root}", "--out", str(tmp_path / "o")]  # fmt: skip
+    args = [
+        "--arch",
+        "resnet10t",
+        "--img-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--epochs",
+        "1",
+        "--data",
+        f"imagefolder:{root}",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mcc-train: error: unreadable image") and str(bad) in err[-1]

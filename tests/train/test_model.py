@@ -9,9 +9,15 @@ from mcc_train.model import timm_size_kwargs
 
 FAST_ARCHS = ["resnet18", "mobilenetv3_small_100", "vit_tiny_patch16_224", "convnext_atto"]
 PAPER_ARCHS = [
-    "resnet50", "resnet101", "regnety_040", "regnety_160", "deit_small_patch16_224", "deit_base_patch16_224",
-    "swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224",
-]  # fmt: skip
+    "resnet50",
+    "resnet101",
+    "regnety_040",
+    "regnety_160",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "swin_base_patch4_window7_224",
+]
 
 
 def check_forward_backward(arch: str, C: int = 7, size: int = 32):

@@ -1,0 +1,72 @@
+"""mcc-serve BUNDLE_DIR: check the bundle and options, then run uvicorn (settings reach workers as MCC_*)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+from .engine import BundleError, read_bundle
+from .settings import ServeSettings
+
+EPILOG = """every option can also be set as an environment variable: --max-batch-size 64 is MCC_MAX_BATCH_SIZE=64,
+and the bearer token is MCC_API_KEY only (never a flag, so it stays out of process lists).
+
+examples:
+  mcc-serve bundles/demo
+  mcc-serve bundles/demo --host 0.0.0.0 --port 8080 --workers 2 --max-batch-size 64 --max-delay-ms 2
+  MCC_API_KEY=secret mcc-serve bundles/demo
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mcc-serve",
+        description="Serve an mcc bundle over HTTP: /v1/predict, the Open Inference Protocol (/v2), /metrics, /docs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("bundle", nargs="?", help="bundle directory written by mcc-export (or MCC_BUNDLE)")
+    for name, field in ServeSettings.model_fields.items():
+        if name in ("bundle", "api_key"):
+            continue
+        default = field.default
+        kind = {int: int, float: float}.get(type(default), str)
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, help=f"{field.description} (default: {default})"
+        )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        settings = ServeSettings(**args)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err.get("loc") else "option"
+        print(f"mcc-serve: error: --{name.replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return 2
+    try:
+        read_bundle(settings.bundle)
+    except BundleError as e:
+        print(f"mcc-serve: error: {e}", file=sys.stderr)
+        return 2
+    for name, value in settings.model_dump(exclude={"api_key"}).items():
+        if value is not None:
+            os.environ[f"MCC_{name.upper()}"] = str(value)
+    import uvicorn
+
+    uvicorn.run(
+        "mcc_serve.main:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    return 0

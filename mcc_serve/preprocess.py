@@ -1,0 +1,118 @@
+"""timm's eval transform in numpy and Pillow, no torch: decode, resize, center-crop, scale, normalise.
+
+Matches ``timm.data.create_transform(is_training=False, ...)`` for crop_mode ``center`` and ``squash``:
+resize (shorter side, or both sides for squash) to ``floor(size / crop_pct)`` with Pillow, center-crop with
+torchvision's rounding, divide by 255 and normalise in float32.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    in_chans: int
+    size: int  # square crop, H == W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+    max_pixels: int = 40_000_000
+
+    @classmethod
+    def from_model_json(cls, meta: dict, max_pixels: int) -> Preprocessor:
+        pre = meta["preprocess"]
+        c, h, w = pre["input_size"]
+        if h != w:
+            raise ValueError(f"model.json: input_size {pre['input_size']} is not square")
+        if pre.get("crop_mode", "center") not in ("center", "squash"):
+            raise ValueError(f"model.json: crop_mode {pre['crop_mode']!r} is not supported (center, squash)")
+        if pre["interpolation"] not in INTERPOLATION:
+            raise ValueError(f"model.json: interpolation {pre['interpolation']!r} is not supported")
+        mean, std = tuple(pre["mean"]), tuple(pre["std"])
+        if len(mean) == 1:
+            mean, std = mean * c, std * c
+        return cls(c, h, mean, std, pre["interpolation"], pre["crop_pct"], pre.get("crop_mode", "center"), max_pixels)
+
+    def decode(self, data: bytes, name: str = "image") -> Image.Image:
+        """Bytes -> a Pillow image in the model's mode (L or RGB), with limits checked before decoding pixels."""
+        if not data:
+            raise ImageError(f"{name} is empty")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise ImageError(f"{name} is not an image format Pillow can read (send PNG, JPEG, WebP, ...)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"{name} has too many pixels", status=413) from None
+        if img.width * img.height > self.max_pixels:
+            raise ImageError(
+                f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, more than the limit of "
+                f"{self.max_pixels:,}",
+                status=413,
+            )
+        try:
+            img.load()
+            return img.convert("L" if self.in_chans == 1 else "RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(
+                f"{name} is a corrupt or truncated {img.format or ''} image ({e})".replace("  ", " ")
+            ) from None
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """A decoded image -> float32 (C, H, W), exactly as timm's eval transform."""
+        scale = math.floor(self.size / self.crop_pct)
+        w, h = img.size
+        if self.crop_mode == "squash":
+            new_w, new_h = scale, scale
+        elif w <= h:
+            new_w, new_h = scale, int(scale * h / w)
+        else:
+            new_w, new_h = int(scale * w / h), scale
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), INTERPOLATION[self.interpolation])
+        img = _center_crop(img, self.size)
+        x = np.asarray(img, dtype=np.uint8)
+        x = x[:, :, None] if x.ndim == 2 else x  # (H, W, C)
+        x = x.astype(np.float32) / np.float32(255)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+
+    def load(self, data: bytes, name: str = "image") -> np.ndarray:
+        return self(self.decode(data, name))
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's center_crop: zero-pad if smaller, then crop at round((dim - size) / 2)."""
+    w, h = img.size
+    if size > w or size > h:
+        padded = Image.new(img.mode, (max(w, size), max(h, size)), 0)
+        padded.paste(img, ((size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0))
+        img, (w, h) = padded, padded.size
+        if (w, h) == (size, size):
+            return img
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))

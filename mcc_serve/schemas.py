@@ -1,0 +1,91 @@
+"""Request and response bodies: /v1/predict, and the Open Inference Protocol (KServe v2) REST API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class PredictJSON(BaseModel):
+    images: list[str] = Field(..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+
+
+class Label(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    top_k: list[Label]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[Prediction] = Field(..., description="one per input image, in input order")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = []
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class InferInputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInputTensor]
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32"] = "FP32"
+    data: list[float]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[InferOutputTensor]
+
+    model_config = {"protected_namespaces": ()}

@@ -1,0 +1,36 @@
+"""ServeSettings: every option of mcc-serve, settable by flag or by environment variable (MCC_*)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MCC_", extra="ignore", protected_namespaces=())
+
+    bundle: str = Field("model", description="bundle directory written by mcc-export")
+    model_name: str | None = Field(None, description="name in the v2 API (default: the bundle's arch)")
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per model run")
+    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="wait after a batch's first request")
+    max_queue: int = Field(256, ge=1, description="queued images before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body before 413")
+    max_image_pixels: int = Field(40_000_000, ge=64, description="largest decoded image (w*h) before 413")
+    max_images_per_request: int = Field(64, ge=1, description="images per request before 413")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
+    inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
+    device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")
+    warmup_runs: int = Field(3, ge=0, description="model runs before readiness turns true")
+    api_key: SecretStr | None = Field(None, description="bearer token required on all but health endpoints")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError("must be auto, cpu or cuda")
+        return v

@@ -1,0 +1,213 @@
+"""The HTTP API through FastAPI's TestClient: answers, the v2 protocol, limits, auth and errors."""
+
+import base64
+import io
+import json
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mcc_serve.main import create_app
+from mcc_serve.preprocess import Preprocessor
+from mcc_serve.settings import ServeSettings
+
+
+def client_for(bundle, **settings) -> TestClient:
+    client = TestClient(create_app(ServeSettings(bundle=str(bundle), **settings)), raise_server_exceptions=False)
+    client.__enter__()  # runs the lifespan
+    deadline = time.time() + 60
+    while client.get("/v2/health/ready").status_code != 200 and time.time() < deadline:
+        time.sleep(0.05)
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(bundle):
+    c = client_for(bundle)
+    yield c
+    c.__exit__(None, None, None)
+
+
+def direct_probs(bundle, pngs):
+    """What onnxruntime says for these images, preprocessed by the serving code, one image at a time."""
+    meta = json.loads((bundle / "model.json").read_text())
+    pre = Preprocessor.from_model_json(meta, 10**8)
+    sess = ort.InferenceSession(str(bundle / "model.onnx"))
+    logits = np.concatenate([sess.run(None, {"input": pre.load(p)[None]})[0] for p in pngs])
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_multipart_predict_answers_each_image_in_order(client, bundle, digit_pngs):
+    pngs, _ = digit_pngs
+    files = [("files", (f"{i}.png", pngs[i], "image/png")) for i in range(6)]
+    r = client.post("/v1/predict?top_k=3", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = direct_probs(bundle, pngs[:6])
+    assert body["model"] == "resnet10t" and len(body["predictions"]) == 6
+    for pred, p in zip(body["predictions"], expected, strict=True):
+        top = pred["top_k"]
+        assert [t["index"] for t in top] == list(np.argsort(-p, kind="stable")[:3])
+        assert top[0]["label"] == str(top[0]["index"])
+        assert abs(top[0]["probability"] - p.max()) < 1e-5
+        assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+
+
+def test_json_base64_predict(client, digit_pngs):
+    pngs, _ = digit_pngs
+    images = [base64.b64encode(p).decode() for p in pngs[:2]]
+    r = client.post("/v1/predict", json={"images": images})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2 and len(r.json()["predictions"][0]["top_k"]) == 5
+    r2 = client.post("/v1/predict", json={"images": ["data:image/png;base64," + images[0]]})
+    assert r2.json()["predictions"][0] == r.json()["predictions"][0]
+
+
+@pytest.mark.parametrize("query, status", [("top_k=0", 422), ("top_k=11", 422), ("top_k=abc", 422), ("top_k=10", 200)])
+def test_top_k_bounds(client, digit_pngs, query, status):
+    r = client.post(f"/v1/predict?{query}", files=[("files", ("a.png", digit_pngs[0][0], "image/png"))])
+    assert r.status_code == status
+    if status != 200:
+        assert "top_k" in r.json()["error"]
+
+
+def test_bad_inputs_get_4xx_with_a_json_error(client, digit_pngs):
+    png = digit_pngs[0][0]
+    cases = [
+        (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported media type"),
+        (dict(files=[("files", ("notes.txt", b"just text", "text/plain"))]), 400, "notes.txt is not an image"),
+        (dict(files=[("files", ("cut.png", png[: len(png) // 2], "image/png"))]), 400, "cut.png is a corrupt"),
+        (dict(files=[("files", ("e.png", b"", "image/png"))]), 400, "e.png is empty"),
+        (dict(files={"note": (None, b"no files")}), 400, "no images"),
+        (dict(json={"images": ["***"]}), 400, "images[0] is not valid base64"),
+        (dict(json={"pictures": []}), 400, "expected"),
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    ]
+    for kwargs, status, message in cases:
+        r = client.post("/v1/predict", **kwargs)
+        assert r.status_code == status, (message, r.text)
+        assert message in r.json()["error"] and "Traceback" not in r.text
+
+
+def test_v2_metadata_and_health(client):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2").json()["name"] == "mcc-serve"
+    meta = client.get("/v2/models/resnet10t").json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 16, 16]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get("/v2/models/resnet10t/ready").json() == {"name": "resnet10t", "ready": True}
+    r = client.get("/v2/models/nope")
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+
+
+def test_v2_infer_nested_and_flat(client, bundle):
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
+    for data in (x.tolist(), x.ravel().tolist()):
+        r = client.post("/v2/models/resnet10t/infer", json={
+            "id": "req-7", "inputs": [{"name": "input", "shape": [3, 1, 16, 16], "datatype": "FP32", "data": data}],
+        })  # fmt: skip
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["id"] == "req-7" and body["model_name"] == "resnet10t"
+        out = body["outputs"][0]
+        assert out["name"] == "logits" and out["shape"] == [3, 10] and out["datatype"] == "FP32"
+        np.testing.assert_allclose(np.array(out["data"]).reshape(3, 10), expected, atol=1e-5)
+
+
+def test_v2_infer_errors_are_400_or_404(client):
+    def infer(body, name="resnet10t"):
+        return client.post(f"/v2/models/{name}/infer", json=body)
+
+    good = {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": [0.0] * 256}
+    cases = [
+        ({"inputs": [{**good, "shape": [1, 3, 16, 16]}]}, 400, "does not match"),
+        ({"inputs": [{**good, "datatype": "INT8"}]}, 400, "datatype INT8"),
+        ({"inputs": [{**good, "name": "x"}]}, 400, "named 'input'"),
+        ({"inputs": [{**good, "data": [0.0] * 10}]}, 400, "needs 256"),
+        ({"inputs": [{**good, "data": ["a"] * 256}]}, 400, "must be numbers"),
+        ({"inputs": [good], "outputs": [{"name": "probs"}]}, 400, "unknown output 'probs'"),
+        ({"nothing": 1}, 400, "invalid inference request"),
+    ]
+    for body, status, message in cases:
+        r = infer(body)
+        assert r.status_code == status and message in r.json()["error"], (message, r.text)
+    assert infer({"inputs": [good]}, name="other").status_code == 404
+
+
+def test_metrics_and_docs(client, digit_pngs):
+    client.post("/v1/predict", files=[("files", ("a.png", digit_pngs[0][0], "image/png"))])
+    text = client.get("/metrics").text
+    for name in ("mcc_requests_total", "mcc_request_latency_seconds_bucket", "mcc_queue_wait_seconds_bucket",
+                 "mcc_batch_size_bucket", "mcc_requests_in_flight"):  # fmt: skip
+        assert name in text
+    assert 'mcc_requests_total{endpoint="/v1/predict",status="200"}' in text
+    assert client.get("/docs").status_code == 200
+    assert "/v2/models/{name}/infer" in client.get("/openapi.json").json()["paths"]
+
+
+def test_limits_return_413(bundle, digit_pngs):
+    png = digit_pngs[0][0]
+    big = io.BytesIO()
+    Image.new("L", (300, 300)).save(big, format="PNG")
+    c = client_for(bundle, max_body_bytes=4096, max_image_pixels=200 * 200, max_images_per_request=3)
+    try:
+        r = c.post("/v1/predict", files=[("files", ("a.png", b"x" * 5000, "image/png"))])
+        assert r.status_code == 413 and "body over the limit" in r.json()["error"]
+        r = c.post("/v1/predict", files=[("files", ("big.png", big.getvalue(), "image/png"))])
+        assert r.status_code == 413 and "more than the limit" in r.json()["error"]
+        r = c.post("/v1/predict", files=[("files", (f"{i}.png", png, "image/png")) for i in range(4)])
+        assert r.status_code == 413 and "limit is 3" in r.json()["error"]
+
+        def chunks():  # no content-length: the limit holds on the stream too
+            for _ in range(10):
+                yield b"x" * 1000
+
+        r = c.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_bearer_token(bundle, digit_pngs):
+    c = client_for(bundle, api_key="s3cret")
+    try:
+        files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
+        assert c.post("/v1/predict", files=files).status_code == 401
+        r = c.post("/v1/predict", files=files, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json() == {"error": "missing or wrong bearer token"}
+        assert c.post("/v1/predict", files=files, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/v2/models/resnet10t").status_code == 401 and c.get("/metrics").status_code == 401
+        assert c.get("/v2/health/live").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_overload_timeout_and_model_failure(bundle, digit_pngs):
+    files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
+    c = client_for(bundle, request_timeout_s=0.2, max_queue=1, max_batch_size=1, max_delay_ms=0)
+    res = c.app.state.resources
+    real_run = res.engine.run
+    try:
+        res.batcher.run = lambda x: (time.sleep(0.5), real_run(x))[1]  # a model slower than the deadline
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 504 and "no answer within 0.2s" in r.json()["error"]
+        res.batcher.queued_images = 1  # the queue is full
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        res.batcher.queued_images = 0
+        time.sleep(0.6)
+
+        def broken(x):
+            raise RuntimeError("onnxruntime exploded at /secret/path")
+
+        res.batcher.run = broken
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 500 and r.json() == {"error": "internal server error"}
+    finally:
+        c.__exit__(None, None, None)

@@ -1,0 +1,137 @@
+"""A real uvicorn process: tritonclient, 200 concurrent requests, graceful shutdown, and no torch inside."""
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+from ..conftest import PYTHON, REPO, run_cli
+from .conftest import Server
+from .test_app import direct_probs
+
+
+def test_mcc_serve_imports_neither_torch_nor_timm(bundle):
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from mcc_serve.main import create_app
+from mcc_serve.settings import ServeSettings
+import mcc_serve.cli
+with TestClient(create_app(ServeSettings(bundle={str(bundle)!r}))) as c:
+    assert c.get("/v2/health/live").status_code == 200
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "mcc_train", "export"))
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tritonclient_talks_to_the_server(server, bundle):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("resnet10t")
+    meta = client.get_model_metadata("resnet10t")
+    assert meta["inputs"][0]["shape"] == [-1, 1, 16, 16]
+    x = np.random.default_rng(1).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    result = client.infer("resnet10t", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=False)],
+                          request_id="abc")  # fmt: skip
+    expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
+    assert result.get_response()["id"] == "abc"
+
+
+def test_200_requests_from_32_clients_each_get_their_own_answer(server, bundle, digit_pngs):
+    pngs, _ = digit_pngs
+    expected = direct_probs(bundle, pngs)
+
+    async def run():
+        sem = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+            async def one(i):
+                async with sem:
+                    k = i % len(pngs)
+                    r = await client.post("/v1/predict?top_k=10", files=[("files", (f"{k}.png", pngs[k], "image/png"))])
+                    return k, r
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(run())
+    assert all(r.status_code == 200 for _, r in results)
+    for k, r in results:
+        probs = np.zeros(10)
+        for t in r.json()["predictions"][0]["top_k"]:
+            probs[t["index"]] = t["probability"]
+        np.testing.assert_allclose(probs, expected[k], atol=1e-5)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("mcc_batch_size_count")))
+    assert batches < 200  # requests were batched together
+
+
+def test_sigterm_finishes_queued_requests_then_exits(bundle, digit_pngs):
+    # a long batching delay holds the requests in the queue while SIGTERM arrives
+    srv = Server(bundle, "--max-batch-size", "32", "--max-delay-ms", "1500")
+    pngs, _ = digit_pngs
+    statuses = []
+
+    def send(i):
+        r = httpx.post(f"{srv.url}/v1/predict", files=[("files", ("a.png", pngs[i], "image/png"))], timeout=60)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # wait until all 12 are inside the server (the metrics request is the 13th)
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        if "mcc_requests_in_flight 13.0" in metrics:
+            break
+        time.sleep(0.02)
+    srv.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit status is the signal's
+    assert srv.proc.wait(60) in (0, -signal.SIGTERM)
+    assert statuses == [200] * 12  # every queued request was answered before the process exited
+    try:
+        httpx.get(f"{srv.url}/v2/health/live", timeout=2)
+        raise AssertionError("the server still answers after SIGTERM")
+    except httpx.ConnectError:
+        pass
+
+
+def test_cli_bad_bundle_and_bad_options_exit_2(tmp_path, bundle):
+    proc = run_cli("mcc_serve", tmp_path)
+    assert (
+        proc.returncode == 2 and proc.stderr.strip().startswith("mcc-serve: error:") and "no model.json" in proc.stderr
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("mcc_serve", bundle, "--max-batch-size", "0")
+    assert proc.returncode == 2 and "--max-batch-size" in proc.stderr
+    tampered = tmp_path / "t"
+    import shutil
+
+    shutil.copytree(bundle, tampered)
+    (tampered / "model.onnx").write_bytes((tampered / "model.onnx").read_bytes() + b"\0")
+    proc = run_cli("mcc_serve", tampered)
+    assert proc.returncode == 2 and "sha256 differs" in proc.stderr
+
+
+def test_help_lists_every_option():
+    proc = run_cli("mcc_serve", "--help")
+    from mcc_serve.settings import ServeSettings
+
+    for name in ServeSettings.model_fields:
+        if name not in ("bundle", "api_key"):
+            assert "--" + name.replace("_", "-") in proc.stdout
+    assert "MCC_API_KEY" in proc.stdout and sys.executable

@@ -1,4 +1,7 @@
-"""Dependencies shared by the routes: the app's resources, auth, and running images through the batcher."""
+"""Dependencies shared by the routes: the app's resources, auth, and running images through the batcher.
+
+NOTE: every dependency is ``async def``: FastAPI runs a sync one in its threadpool, a thread hop per call.
+"""
 
 from __future__ import annotations
 
@@ -30,14 +33,16 @@ class Resources:
     ready: bool = False
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
     return request.app.state.resources
 
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_api_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def require_api_key(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> None:
     """With MCC_API_KEY set, every route but health and docs needs ``Authorization: Bearer <key>``."""
     key = request.app.state.settings.api_key
     if key is None:
@@ -48,7 +53,7 @@ def require_api_key(request: Request, credentials: HTTPAuthorizationCredentials 
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_ready(resources: Resources = Depends(get_resources)) -> Resources:
+async def require_ready(resources: Resources = Depends(get_resources)) -> Resources:
     if not resources.ready:
         raise HTTPException(503, "the model is warming up; retry shortly", headers={"Retry-After": "1"})
     return resources

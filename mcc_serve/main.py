@@ -121,7 +121,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.include_router(v2.router)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)], summary="Prometheus metrics")
-    def metrics(request: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         return Response(generate_latest(request.app.state.resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(HTTPException)

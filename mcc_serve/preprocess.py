@@ -58,26 +58,32 @@ class Preprocessor:
             mean, std = mean * c, std * c
         return cls(c, h, mean, std, pre["interpolation"], pre["crop_pct"], pre.get("crop_mode", "center"), max_pixels)
 
-    def decode(self, data: bytes, name: str = "image") -> Image.Image:
-        """Bytes -> a Pillow image in the model's mode (L or RGB), with limits checked before decoding pixels."""
+    def decode_header(self, data: bytes, name: str = "image") -> Image.Image:
+        """Open an image lazily (header only) and check its size against the pixel limit."""
         if not data:
             raise ImageError(f"{name} is empty")
         try:
             img = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise ImageError(f"{name} is not an image format Pillow can read (send PNG, JPEG, WebP, ...)") from None
         except Image.DecompressionBombError:
             raise ImageError(f"{name} has too many pixels", status=413) from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise ImageError(f"{name} is not an image format Pillow can read (send PNG, JPEG, WebP, ...)") from None
         if img.width * img.height > self.max_pixels:
             raise ImageError(
                 f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, more than the limit of "
                 f"{self.max_pixels:,}",
                 status=413,
             )
+        img.info["mcc_name"] = name
+        return img
+
+    def decode(self, img: Image.Image) -> Image.Image:
+        """Decode the pixels of a lazily opened image into the model's mode (L or RGB)."""
         try:
             img.load()
             return img.convert("L" if self.in_chans == 1 else "RGB")
         except (OSError, ValueError, SyntaxError) as e:
+            name = img.info.get("mcc_name", "image")
             raise ImageError(
                 f"{name} is a corrupt or truncated {img.format or ''} image ({e})".replace("  ", " ")
             ) from None
@@ -102,7 +108,12 @@ class Preprocessor:
         return np.ascontiguousarray(x.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
 
     def load(self, data: bytes, name: str = "image") -> np.ndarray:
-        return self(self.decode(data, name))
+        """Encoded image bytes -> float32 (C, H, W)."""
+        return self(self.decode(self.decode_header(data, name)))
+
+    def load_many(self, images: list[Image.Image]) -> np.ndarray:
+        """Lazily opened images -> float32 (N, C, H, W)."""
+        return np.stack([self(self.decode(img)) for img in images])
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:

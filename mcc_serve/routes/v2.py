@@ -19,17 +19,17 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503, 5
 
 
 @health.get("/live", summary="The server is up")
-def live() -> dict:
+async def live() -> dict:
     return {"live": True}
 
 
 @health.get("/ready", summary="The model is loaded and warmed up (503 until then)")
-def ready(resources: Resources = Depends(get_resources)):
+async def ready(resources: Resources = Depends(get_resources)):
     return JSONResponse({"ready": resources.ready}, status_code=200 if resources.ready else 503)
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
-def server_metadata() -> ServerMetadata:
+async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="mcc-serve", version=__version__, extensions=[])
 
 
@@ -40,7 +40,7 @@ def model_or_404(name: str, resources: Resources) -> Resources:
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
-def model_metadata(name: str, resources: Resources = Depends(get_resources)) -> ModelMetadata:
+async def model_metadata(name: str, resources: Resources = Depends(get_resources)) -> ModelMetadata:
     meta = model_or_404(name, resources).engine.meta
     return ModelMetadata(
         name=name,
@@ -52,7 +52,7 @@ def model_metadata(name: str, resources: Resources = Depends(get_resources)) -> 
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady, responses=ERRORS, summary="Model readiness")
-def model_ready(name: str, resources: Resources = Depends(get_resources)):
+async def model_ready(name: str, resources: Resources = Depends(get_resources)):
     resources = model_or_404(name, resources)
     return JSONResponse({"name": name, "ready": resources.ready}, status_code=200 if resources.ready else 503)
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench accuracy accuracy-quick lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/export_parity.py
+	$(BIN)/python benchmarks/serve_load.py
+
+accuracy: install
+	$(BIN)/python benchmarks/accuracy.py
+
+accuracy-quick: install
+	$(BIN)/python benchmarks/accuracy.py --quick
 
 lint: install
 	$(BIN)/ruff check .

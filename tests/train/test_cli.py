@@ -95,6 +95,21 @@ def test_kill_9_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
 
 
+def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PYTHON, "-m", "mcc_train", *FAST_TRAIN, "--epochs", "50", "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert f"--resume {out}/last.pt" in err.strip().splitlines()[-1]
+    assert 1 <= load_checkpoint(out / "last.pt")["epoch"] < 50
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_refuses_to_overwrite_an_earlier_run(trained_run, capsys):
     before = (trained_run / "last.pt").read_bytes()
     assert main([*FAST_TRAIN, "--out", str(trained_run)]) == 2

@@ -110,10 +110,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, cfg, rt
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             logits = model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
         loss = loss_fn(logits.float(), soft)
-        if not math.isfinite(loss.item()):
-            raise UsageError(
-                f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); lower --lr"
-            )
+        loss_value = loss.item()  # the step's one host sync: the divergence check and the progress bar share it
+        if not math.isfinite(loss_value):
+            raise UsageError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss_value}); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
@@ -124,7 +123,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, cfg, rt
         scheduler.step_update(num_updates=epoch * steps + step + 1)
         total += loss.detach() * len(images)
         count += len(images)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=rt.device)]), rt)
     return (sums[0] / sums[1]).item()
 

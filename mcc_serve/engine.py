@@ -66,6 +66,10 @@ class Engine:
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # NOTE: idle onnxruntime pool threads spin by default; on a server that shares its cores with HTTP work
+        # that spinning cost 2.6 ms of CPU per request (benchmarks/serve_load.py, resnet18, 2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(Path(bundle) / "model.onnx"), opts, providers=providers_for(device))
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models

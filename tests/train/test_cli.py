@@ -153,32 +153,22 @@ def test_bad_yaml_keys_and_values(tmp_path, capsys):
     assert "--epochs: expected int, got 'many'" in capsys.readouterr().err
 
 
+def folder_args(root, out, batch_size=6, workers=0) -> list[str]:
+    """A 1-epoch resnet10t run on an image folder."""
+    return ["--arch", "resnet10t", "--img-size", "16", "--batch-size", str(batch_size), "--workers", str(workers),
+            "--epochs", "1", "--data", f"imagefolder:{root}", "--out", str(out)]  # fmt: skip
+
+
 def test_imagefolder_trains_and_keeps_class_names(tmp_path):
     root = make_imagefolder(tmp_path / "data")
-    args = ["--arch", "resnet10t", "--img-size", "16", "--batch-size", "6", "--workers", "0", "--epochs", "1"]
-    assert main([*args, "--data", f"imagefolder:{root}", "--out", str(tmp_path / "o")]) == 0
+    assert main(folder_args(root, tmp_path / "o")) == 0
     ckpt = load_checkpoint(tmp_path / "o" / "last.pt")
     assert ckpt["class_names"] == ["cat", "dog", "fish"] and ckpt["in_chans"] == 3
 
 
 def test_imagefolder_problems_are_named(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "data")
-    args = [
-        "--arch",
-        "resnet10t",
-        "--img-size",
-        "16",
-        "--batch-size",
-        "6",
-        "--workers",
-        "0",
-        "--epochs",
-        "1",
-        "--data",
-        f"imagefolder:{root}",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    args = folder_args(root, tmp_path / "o")
     (root / "train" / "bird").mkdir()
     (root / "val" / "bird").mkdir()
     assert main(args) == 2
@@ -194,22 +184,7 @@ def test_truncated_image_found_during_training_is_named(tmp_path, capsys):
     root = make_imagefolder(tmp_path / "data", per_class=2)
     bad = root / "train" / "dog" / "1.png"
     bad.write_bytes(bad.read_bytes()[:60])  # valid header, truncated pixels
-    args = [
-        "--arch",
-        "resnet10t",
-        "--img-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--workers",
-        "1",
-        "--epochs",
-        "1",
-        "--data",
-        f"imagefolder:{root}",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    args = folder_args(root, tmp_path / "o", batch_size=2, workers=1)
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mcc-train: error: unreadable image") and str(bad) in err[-1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
             "model_json_sha256": sha256_file(tmp / MODEL_JSON),
             "seconds": round(time.time() - started, 1),
         }
-        write_json(tmp / PARITY_JSON, json.loads(json.dumps(parity)))
+        write_json(tmp / PARITY_JSON, parity)
         if not report.passed:
             raise VerificationError(report)
     return report

@@ -3,7 +3,6 @@
 import asyncio
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -134,4 +133,4 @@ def test_help_lists_every_option():
     for name in ServeSettings.model_fields:
         if name not in ("bundle", "api_key"):
             assert "--" + name.replace("_", "-") in proc.stdout
-    assert "MCC_API_KEY" in proc.stdout and sys.executable
+    assert "MCC_API_KEY" in proc.stdout

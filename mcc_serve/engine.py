@@ -26,10 +26,12 @@ def read_bundle(path: str | Path) -> dict:
         raise BundleError(f"{path}: no model.json; point mcc-serve at a directory written by mcc-export")
     try:
         meta = json.loads(meta_path.read_text())
-        for key in ("format", "num_classes", "class_names", "in_chans", "preprocess", "files", "input", "output"):
-            meta[key]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{meta_path}: not a valid mcc model.json ({type(e).__name__}: {e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{meta_path}: not valid JSON ({e})") from None
+    required = ("format", "num_classes", "class_names", "in_chans", "preprocess", "files", "input", "output")
+    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
+    if missing:
+        raise BundleError(f"{meta_path}: not a valid mcc model.json (missing {', '.join(missing)})")
     if meta["format"] != "mcc-bundle":
         raise BundleError(f"{meta_path}: format is {meta['format']!r}, not 'mcc-bundle'")
     onnx_path = path / "model.onnx"

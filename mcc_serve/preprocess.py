@@ -43,6 +43,12 @@ class Preprocessor:
     crop_mode: str = "center"
     max_pixels: int = 40_000_000
 
+    def __post_init__(self):
+        # float32 (C,) once, not per image; the arithmetic below is the same as timm's Normalize
+        object.__setattr__(self, "_mean", np.asarray(self.mean, np.float32))
+        object.__setattr__(self, "_std", np.asarray(self.std, np.float32))
+        object.__setattr__(self, "_mode", "L" if self.in_chans == 1 else "RGB")
+
     @classmethod
     def from_model_json(cls, meta: dict, max_pixels: int) -> Preprocessor:
         pre = meta["preprocess"]
@@ -81,7 +87,7 @@ class Preprocessor:
         """Decode the pixels of a lazily opened image into the model's mode (L or RGB)."""
         try:
             img.load()
-            return img.convert("L" if self.in_chans == 1 else "RGB")
+            return img if img.mode == self._mode else img.convert(self._mode)
         except (OSError, ValueError, SyntaxError) as e:
             name = img.info.get("mcc_name", "image")
             raise ImageError(
@@ -104,7 +110,7 @@ class Preprocessor:
         x = np.asarray(img, dtype=np.uint8)
         x = x[:, :, None] if x.ndim == 2 else x  # (H, W, C)
         x = x.astype(np.float32) / np.float32(255)
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        x = (x - self._mean) / self._std
         return np.ascontiguousarray(x.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
 
     def load(self, data: bytes, name: str = "image") -> np.ndarray:
@@ -119,6 +125,8 @@ class Preprocessor:
 def _center_crop(img: Image.Image, size: int) -> Image.Image:
     """torchvision's center_crop: zero-pad if smaller, then crop at round((dim - size) / 2)."""
     w, h = img.size
+    if (w, h) == (size, size):
+        return img
     if size > w or size > h:
         padded = Image.new(img.mode, (max(w, size), max(h, size)), 0)
         padded.paste(img, ((size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0))

@@ -2,12 +2,16 @@
 
 A batch closes when it holds ``max_batch_size`` images or ``max_delay`` has passed since its first request
 arrived; the model runs in a worker thread, so the event loop keeps accepting requests meanwhile.
+The collector sleeps on one future that ``submit`` resolves (first request, or a full batch) and each
+request's deadline is one timer: no task per request, which is most of the per-request cost of
+``asyncio.wait_for`` and a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,11 +41,11 @@ class DynamicBatcher:
     ):
         self.run, self.max_batch_size, self.max_delay_s, self.max_queue = run, max_batch_size, max_delay_s, max_queue
         self.on_batch = on_batch  # (batch size, queue waits in seconds) after each run, for metrics
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.queued_images = 0
+        self.pending: deque[_Item] = deque()  # chunks of at most max_batch_size images, oldest first
+        self.queued_images = 0  # images in ``pending``
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcc-model")
         self._task: asyncio.Task | None = None
-        self._carry: _Item | None = None
+        self._wakeup: asyncio.Future | None = None  # the collector sleeps on it: for a first item, or a full batch
         self._running = False
 
     def start(self) -> None:
@@ -56,50 +60,71 @@ class DynamicBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def submit(self, x: np.ndarray) -> np.ndarray:
+    async def submit(self, x: np.ndarray, timeout: float | None = None) -> np.ndarray:
         """Queue (n, C, H, W) images; returns their (n, num_classes) outputs, in order.
 
         Raises:
             QueueFullError: the queue holds max_queue images already.
+            TimeoutError: no answer within ``timeout`` seconds (what has not run yet never will).
         """
         if self.queued_images + len(x) > self.max_queue:
             raise QueueFullError(f"{self.queued_images} images queued (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
-        chunks = [x[i : i + self.max_batch_size] for i in range(0, len(x), self.max_batch_size)]
-        items = [_Item(chunk, loop.create_future()) for chunk in chunks]
-        for item in items:
-            self.queued_images += len(item.x)
-            self.queue.put_nowait(item)
+        step = self.max_batch_size
+        items = [_Item(x[i : i + step], loop.create_future()) for i in range(0, len(x), step)]
+        self.pending.extend(items)
+        self.queued_images += len(x)
+        if (
+            self._wakeup is not None
+            and not self._wakeup.done()
+            and (len(self.pending) == len(items) or self.queued_images >= self.max_batch_size)
+        ):
+            self._wakeup.set_result(None)  # the first item, or a full batch
+        # NOTE: a timer per request, not asyncio.wait_for: that wraps every request in a task of its own
+        timer = None if timeout is None else loop.call_later(timeout, _expire, items)
         try:
+            if len(items) == 1:
+                return await items[0].future
             return np.concatenate(await asyncio.gather(*(item.future for item in items)))
-        except asyncio.CancelledError:  # timed out or the client left: drop what has not run yet
+        except asyncio.CancelledError:  # the client left: drop what has not run yet
             for item in items:
                 item.future.cancel()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _sleep(self, timeout: float | None) -> None:
+        """Until submit wakes the collector, or ``timeout`` seconds (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        self._wakeup = wakeup = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _set_result, wakeup)
+        try:
+            await wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     async def _next_batch(self) -> list[_Item]:
-        first = self._carry or await self.queue.get()
-        self._carry = None
-        batch, size = [first], len(first.x)
-        deadline = first.enqueued + self.max_delay_s
-        while size < self.max_batch_size:
-            try:
-                timeout = deadline - time.perf_counter()
-                item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                break
-            if size + len(item.x) > self.max_batch_size:
-                self._carry = item  # first of the next batch
-                break
+        """The oldest requests, up to max_batch_size images, at most max_delay after the oldest arrived."""
+        while not self.pending:
+            await self._sleep(None)
+        wait = self.pending[0].enqueued + self.max_delay_s - time.perf_counter()
+        if self.queued_images < self.max_batch_size and wait > 0:
+            await self._sleep(wait)
+        batch, size = [], 0
+        while self.pending and size + len(self.pending[0].x) <= self.max_batch_size:
+            item = self.pending.popleft()
             batch.append(item)
             size += len(item.x)
+        self.queued_images -= size
         return batch
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            self.queued_images -= sum(len(item.x) for item in batch)
             live = [item for item in batch if not item.future.done()]
             if not live:
                 continue
@@ -122,3 +147,14 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(out[offset : offset + len(item.x)])
                 offset += len(item.x)
+
+
+def _expire(items: list[_Item]) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(TimeoutError())
+
+
+def _set_result(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

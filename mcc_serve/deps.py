@@ -5,7 +5,6 @@ NOTE: every dependency is ``async def``: FastAPI runs a sync one in its threadpo
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from dataclasses import dataclass
 
@@ -37,33 +36,39 @@ async def get_resources(request: Request) -> Resources:
     return request.app.state.resources
 
 
-_bearer = HTTPBearer(auto_error=False)
+_bearer = HTTPBearer(auto_error=False)  # documents the scheme in OpenAPI; check_api_key does the checking
 
 
-async def require_api_key(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
-) -> None:
-    """With MCC_API_KEY set, every route but health and docs needs ``Authorization: Bearer <key>``."""
-    key = request.app.state.settings.api_key
-    if key is None:
+def check_api_key(settings: ServeSettings, authorization: str | None) -> None:
+    """With MCC_API_KEY set, every route but health and docs needs ``Authorization: Bearer <key>`` (else 401)."""
+    if settings.api_key is None:
         return
-    if credentials is None or not secrets.compare_digest(
-        credentials.credentials.encode(), key.get_secret_value().encode()
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.strip().encode(), settings.api_key.get_secret_value().encode()
     ):
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
+async def require_api_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    check_api_key(request.app.state.settings, request.headers.get("authorization"))
+
+
 async def require_ready(resources: Resources = Depends(get_resources)) -> Resources:
+    check_ready(resources)
+    return resources
+
+
+def check_ready(resources: Resources) -> None:
     if not resources.ready:
         raise HTTPException(503, "the model is warming up; retry shortly", headers={"Retry-After": "1"})
-    return resources
 
 
 async def infer(resources: Resources, x: np.ndarray) -> np.ndarray:
     """(N, C, H, W) -> (N, num_classes) logits through the dynamic batcher, with the request deadline."""
     try:
-        return await asyncio.wait_for(resources.batcher.submit(x), resources.settings.request_timeout_s)
+        return await resources.batcher.submit(x, resources.settings.request_timeout_s)
     except QueueFullError as e:
         raise HTTPException(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise HTTPException(504, f"no answer within {resources.settings.request_timeout_s:g}s") from None

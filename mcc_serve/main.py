@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,6 +36,15 @@ class LimitsAndMetrics:
 
     def __init__(self, app, settings: ServeSettings):
         self.app, self.max_body = app, settings.max_body_bytes
+        self._paths: dict | None = None
+
+    def route_path(self, scope) -> str:
+        """The path template of the route that handled the request (a metrics label), or "unmatched"."""
+        if "route" in scope:  # FastAPI's routes
+            return scope["route"].path
+        if self._paths is None:  # plain Starlette routes leave only their endpoint in the scope
+            self._paths = {r.endpoint: r.path for r in scope["app"].routes if hasattr(r, "endpoint")}
+        return self._paths.get(scope.get("endpoint"), "unmatched")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -69,8 +80,7 @@ class LimitsAndMetrics:
             )
         finally:
             if metrics:
-                route = scope.get("route")
-                endpoint = getattr(route, "path", "unmatched")
+                endpoint = self.route_path(scope)
                 metrics.in_flight.dec()
                 metrics.requests.labels(endpoint, str(status)).inc()
                 metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -116,9 +126,11 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(LimitsAndMetrics, settings=settings)
-    app.include_router(predict.router)
+    app.add_route("/v1/predict", predict.predict, methods=["POST"])
     app.include_router(v2.health)
     app.include_router(v2.router)
+
+    app.openapi = with_predict_docs(app)
 
     @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)], summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
@@ -141,6 +153,21 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return json_error("internal server error", 500)
 
     return app
+
+
+def with_predict_docs(app: FastAPI) -> Callable[[], dict]:
+    """app.openapi, extended by the plain Starlette route POST /v1/predict (FastAPI documents its own only)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            operation, components = predict.openapi_operation()
+            schema["paths"] = {"/v1/predict": {"post": operation}, **schema["paths"]}
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 def app_from_env() -> FastAPI:

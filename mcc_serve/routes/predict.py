@@ -1,65 +1,73 @@
-"""POST /v1/predict: images in (multipart files or base64 JSON), labels with probabilities out."""
+"""POST /v1/predict: images in (multipart files or base64 JSON), labels with probabilities out.
+
+A plain Starlette route, not a FastAPI one: FastAPI's dependency solving, query validation and form spooling
+cost more CPU than decoding and classifying a small image, and this is the endpoint that carries the load.
+It checks what those would check (bearer token, readiness, ``top_k``, media type, limits) itself, raising
+HTTPException like every other route; ``openapi_operation`` documents it in /openapi.json and /docs.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from http import HTTPStatus
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
-from ..deps import Resources, infer, require_api_key, require_ready
+from ..deps import Resources, check_api_key, check_ready, infer
 from ..engine import softmax
+from ..multipart import MultipartError, read_files
 from ..preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
 
 INLINE_PIXELS = 256 * 256  # decode this many pixels on the event loop; more goes to a worker thread
-router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)}
-BODY_DOC = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }  # fmt: skip
-            },
-            "application/json": {"schema": PredictJSON.model_json_schema()},
-        },
-        "required": True,
-    }
-}
+DEFAULT_TOP_K = 5
+ERROR_CODES = (400, 401, 413, 415, 422, 429, 503, 504)
 
 
-async def read_images(request: Request, max_images: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every image in the request, in order."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
-        files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-    elif ctype == "application/json":
+def parse_top_k(raw: str | None, num_classes: int) -> int:
+    if raw is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    try:
+        top_k = int(raw)
+    except ValueError:
+        top_k = 0
+    if not 1 <= top_k <= num_classes:
+        raise HTTPException(422, f"top_k must be an integer from 1 to {num_classes} (the class count), got {raw!r}")
+    return top_k
+
+
+def read_images(content_type: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every image in the request body, in order."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
         try:
-            body = PredictJSON.model_validate(json.loads(await request.body()))
+            files = read_files(body, content_type, max_images)
+        except MultipartError as e:
+            raise HTTPException(e.status, str(e)) from None
+    elif media_type == "application/json":
+        try:
+            images = PredictJSON.model_validate(json.loads(body)).images
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise HTTPException(400, "body is not valid JSON") from None
         except ValidationError as e:
             raise HTTPException(400, f'expected {{"images": [base64, ...]}}: {e.errors()[0]["msg"]}') from None
         files = []
-        for i, text in enumerate(body.images):
+        for i, text in enumerate(images):
             try:
                 files.append((f"images[{i}]", base64.b64decode(text.split(",")[-1], validate=True)))
             except (binascii.Error, ValueError):
                 raise HTTPException(400, f"images[{i}] is not valid base64") from None
     else:
         raise HTTPException(
-            415, f"unsupported media type {ctype or '(none)'}; send multipart/form-data files or application/json"
+            415, f"unsupported media type {media_type or '(none)'}; send multipart/form-data files or application/json"
         )
     if not files:
         raise HTTPException(400, 'no images: send multipart files or JSON {"images": [base64, ...]}')
@@ -68,22 +76,14 @@ async def read_images(request: Request, max_images: int) -> list[tuple[str, byte
     return files
 
 
-@router.post(
-    "/v1/predict",
-    response_model=PredictResponse,
-    responses=ERRORS,
-    openapi_extra=BODY_DOC,
-    summary="Classify one or more images",
-)
-async def predict(
-    request: Request,
-    top_k: int = Query(5, ge=1, description="labels per image, at most the number of classes"),
-    resources: Resources = Depends(require_ready),
-) -> JSONResponse:
+async def predict(request: Request) -> JSONResponse:
+    resources: Resources = request.app.state.resources
+    check_api_key(resources.settings, request.headers.get("authorization"))
+    check_ready(resources)
     names = resources.engine.meta["class_names"]
-    if top_k > len(names):
-        raise HTTPException(422, f"top_k must be between 1 and {len(names)} (the number of classes), got {top_k}")
-    files = await read_images(request, resources.settings.max_images_per_request)
+    top_k = parse_top_k(request.query_params.get("top_k"), len(names))
+    body = await request.body()  # capped at max_body_bytes by the LimitsAndMetrics middleware
+    files = read_images(request.headers.get("content-type", ""), body, resources.settings.max_images_per_request)
     try:
         images = [resources.preprocess.decode_header(data, name) for name, data in files]
         if sum(img.width * img.height for img in images) <= INLINE_PIXELS:
@@ -92,9 +92,8 @@ async def predict(
             x = await run_in_threadpool(resources.preprocess.load_many, images)
     except ImageError as e:
         raise HTTPException(e.status, str(e)) from None
-    probs = softmax(await infer(resources, x))  # (N, C)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, k)
-    # NOTE: a Response skips FastAPI's re-validation of the body (response_model still documents it)
+    probs = softmax(await infer(resources, x))  # (N, num_classes)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, top_k)
     return JSONResponse(
         {
             "model": resources.model_name,
@@ -104,3 +103,45 @@ async def predict(
             ],
         }
     )
+
+
+def openapi_operation() -> tuple[dict, dict]:
+    """The OpenAPI operation of POST /v1/predict, and the component schemas it refers to."""
+    models = [(PredictResponse, "serialization"), (ErrorResponse, "serialization"), (PredictJSON, "validation")]
+    _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+
+    def ref(name: str) -> dict:
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+    operation = {
+        "tags": ["predict"],
+        "summary": "Classify one or more images",
+        "operationId": "predict_v1_predict_post",
+        "security": [{"HTTPBearer": []}],
+        "parameters": [
+            {
+                "name": "top_k",
+                "in": "query",
+                "required": False,
+                "description": "labels per image, from 1 to the number of classes",
+                "schema": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+            }
+        ],  # fmt: skip
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    }  # fmt: skip
+                },
+                **ref("PredictJSON"),
+            },
+        },
+        "responses": {
+            "200": {"description": "one prediction per image, in input order", "content": ref("PredictResponse")},
+            **{str(c): {"description": HTTPStatus(c).phrase, "content": ref("ErrorResponse")} for c in ERROR_CODES},
+        },
+    }
+    return operation, top["$defs"]

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import time
 
 import numpy as np
@@ -142,13 +143,25 @@ def test_v2_infer_errors_are_400_or_404(client):
 
 def test_metrics_and_docs(client, digit_pngs):
     client.post("/v1/predict", files=[("files", ("a.png", digit_pngs[0][0], "image/png"))])
+    client.get("/v2/models/resnet10t")
+    client.get("/no/such/path")
     text = client.get("/metrics").text
     for name in ("mcc_requests_total", "mcc_request_latency_seconds_bucket", "mcc_queue_wait_seconds_bucket",
                  "mcc_batch_size_bucket", "mcc_requests_in_flight"):  # fmt: skip
         assert name in text
-    assert 'mcc_requests_total{endpoint="/v1/predict",status="200"}' in text
+    for label in ('endpoint="/v1/predict",status="200"', 'endpoint="/v2/models/{name}",status="200"',
+                  'endpoint="unmatched",status="404"'):  # fmt: skip
+        assert f"mcc_requests_total{{{label}}}" in text
     assert client.get("/docs").status_code == 200
-    assert "/v2/models/{name}/infer" in client.get("/openapi.json").json()["paths"]
+    schema = client.get("/openapi.json").json()
+    refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema))
+    assert refs and set(refs) <= set(schema["components"]["schemas"])  # every reference resolves
+    paths = schema["paths"]
+    assert "/v2/models/{name}/infer" in paths
+    predict = paths["/v1/predict"]["post"]  # a plain Starlette route, documented by hand
+    assert [p["name"] for p in predict["parameters"]] == ["top_k"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("PredictResponse")
 
 
 def test_limits_return_413(bundle, digit_pngs):

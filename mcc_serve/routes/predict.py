@@ -1,9 +1,9 @@
 """POST /v1/predict: images in (multipart files or base64 JSON), labels with probabilities out.
 
-A plain Starlette route, not a FastAPI one: FastAPI's dependency solving, query validation and form spooling
-cost more CPU than decoding and classifying a small image, and this is the endpoint that carries the load.
-It checks what those would check (bearer token, readiness, ``top_k``, media type, limits) itself, raising
-HTTPException like every other route; ``openapi_operation`` documents it in /openapi.json and /docs.
+An ASGI endpoint of its own, not a FastAPI route: FastAPI's routing, dependency solving, query validation and
+form spooling cost more CPU than decoding and classifying a small image, and this is the endpoint that carries
+the load. It checks what those would (bearer token, readiness, ``top_k``, media type, limits) itself and
+answers errors as ``{"error": ...}`` like every other route; ``openapi_operation`` documents it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from http import HTTPStatus
 
 import numpy as np
@@ -23,13 +24,15 @@ from starlette.responses import JSONResponse
 
 from ..deps import Resources, check_api_key, check_ready, infer
 from ..engine import softmax
+from ..middleware import BodyTooLargeError, json_error
 from ..multipart import MultipartError, read_files
 from ..preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
 
 INLINE_PIXELS = 256 * 256  # decode this many pixels on the event loop; more goes to a worker thread
 DEFAULT_TOP_K = 5
-ERROR_CODES = (400, 401, 413, 415, 422, 429, 503, 504)
+ERROR_CODES = (400, 401, 405, 413, 415, 422, 429, 503, 504)
+_logger = logging.getLogger("mcc_serve")
 
 
 def parse_top_k(raw: str | None, num_classes: int) -> int:
@@ -74,6 +77,23 @@ def read_images(content_type: str, body: bytes, max_images: int) -> list[tuple[s
     if len(files) > max_images:
         raise HTTPException(413, f"{len(files)} images in one request; the limit is {max_images}")
     return files
+
+
+async def endpoint(scope, receive, send) -> None:
+    """The ASGI app behind /v1/predict (mounted by mcc_serve.main.ServeApp, behind LimitsAndMetrics)."""
+    request = Request(scope, receive)
+    try:
+        if request.method != "POST":
+            raise HTTPException(405, f"{request.method} is not allowed; POST images to /v1/predict", {"Allow": "POST"})
+        response = await predict(request)
+    except HTTPException as e:
+        response = json_error(str(e.detail), e.status_code, e.headers)
+    except BodyTooLargeError:
+        raise  # LimitsAndMetrics answers it
+    except Exception:
+        _logger.exception("unhandled error on /v1/predict")
+        response = json_error("internal server error", 500)
+    await response(scope, receive, send)
 
 
 async def predict(request: Request) -> JSONResponse:

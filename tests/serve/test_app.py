@@ -145,12 +145,14 @@ def test_metrics_and_docs(client, digit_pngs):
     client.post("/v1/predict", files=[("files", ("a.png", digit_pngs[0][0], "image/png"))])
     client.get("/v2/models/resnet10t")
     client.get("/no/such/path")
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST images" in r.json()["error"]
     text = client.get("/metrics").text
     for name in ("mcc_requests_total", "mcc_request_latency_seconds_bucket", "mcc_queue_wait_seconds_bucket",
                  "mcc_batch_size_bucket", "mcc_requests_in_flight"):  # fmt: skip
         assert name in text
     for label in ('endpoint="/v1/predict",status="200"', 'endpoint="/v2/models/{name}",status="200"',
-                  'endpoint="unmatched",status="404"'):  # fmt: skip
+                  'endpoint="unmatched",status="404"', 'endpoint="/v1/predict",status="405"'):  # fmt: skip
         assert f"mcc_requests_total{{{label}}}" in text
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()

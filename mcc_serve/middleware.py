@@ -1,0 +1,65 @@
+"""The ASGI middleware in front of every endpoint: body limit (413), request metrics, and JSON errors."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.responses import JSONResponse
+
+from .metrics import Metrics
+from .settings import ServeSettings
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class LimitsAndMetrics:
+    """ASGI middleware: refuses bodies over the limit (413, even when chunked) and records request metrics."""
+
+    def __init__(self, app, settings: ServeSettings, endpoint: str | None = None):
+        """``endpoint``: the metrics label for every request (default: the path of the FastAPI route matched)."""
+        self.app, self.max_body, self.endpoint = app, settings.max_body_bytes, endpoint
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics: Metrics | None = getattr(getattr(scope["app"].state, "resources", None), "metrics", None)
+        status, started, received = 500, time.perf_counter(), 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLargeError
+            return message
+
+        async def tracking_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if metrics:
+            metrics.in_flight.inc()
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                raise BodyTooLargeError
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLargeError:
+            await json_error(f"request body over the limit of {self.max_body:,} bytes", 413)(
+                scope, receive, tracking_send
+            )
+        finally:
+            if metrics:
+                endpoint = self.endpoint or getattr(scope.get("route"), "path", "unmatched")
+                metrics.in_flight.dec()
+                metrics.requests.labels(endpoint, str(status)).inc()
+                metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def json_error(message: str, status: int, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)

@@ -38,20 +38,15 @@ class DynamicBatcher:
         max_delay_s: float = 0.005,
         max_queue: int = 256,
         on_batch: Callable[[int, list[float]], None] | None = None,
-        instances: int = 1,
     ):
-        """``instances``: batches run at once, each on a thread of its own (``run`` must be thread-safe, as an
-        onnxruntime session is); while the model is the bottleneck, one per core with one onnxruntime thread each
-        keeps every core busy without onnxruntime's intra-op threads waiting on each other."""
         self.run, self.max_batch_size, self.max_delay_s, self.max_queue = run, max_batch_size, max_delay_s, max_queue
         self.on_batch = on_batch  # (batch size, queue waits in seconds) after each run, for metrics
-        self.instances = instances
         self.pending: deque[_Item] = deque()  # chunks of at most max_batch_size images, oldest first
         self.queued_images = 0  # images in ``pending``
-        self.executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="mcc-model")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcc-model")
         self._task: asyncio.Task | None = None
         self._wakeup: asyncio.Future | None = None  # the collector sleeps on it: for a first item, or a full batch
-        self._running = 0  # batches in the model
+        self._running = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="mcc-batcher")
@@ -127,39 +122,31 @@ class DynamicBatcher:
         return batch
 
     async def _loop(self) -> None:
-        free = asyncio.Semaphore(self.instances)
-        runs: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
         while True:
-            await free.acquire()  # collect the next batch only when an instance can take it
             batch = await self._next_batch()
             live = [item for item in batch if not item.future.done()]
             if not live:
-                free.release()
                 continue
-            self._running += 1
-            task = asyncio.ensure_future(self._run(live))
-            runs.add(task)
-            task.add_done_callback(lambda t: (runs.discard(t), free.release()))
-
-    async def _run(self, live: list[_Item]) -> None:
-        started = time.perf_counter()
-        x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])  # (N, C, H, W)
-        try:
-            out = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, x)  # (N, num_classes)
-        except Exception as e:  # the model failed: every request in the batch gets the error
+            started = time.perf_counter()
+            x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])  # (N, C, H, W)
+            self._running = True
+            try:
+                out = await loop.run_in_executor(self.executor, self.run, x)  # (N, num_classes)
+            except Exception as e:  # the model failed: every request in the batch gets the error
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            finally:
+                self._running = False
+            if self.on_batch:
+                self.on_batch(len(x), [started - item.enqueued for item in live])
+            offset = 0
             for item in live:
                 if not item.future.done():
-                    item.future.set_exception(e)
-            return
-        finally:
-            self._running -= 1
-        if self.on_batch:
-            self.on_batch(len(x), [started - item.enqueued for item in live])
-        offset = 0
-        for item in live:
-            if not item.future.done():
-                item.future.set_result(out[offset : offset + len(item.x)])
-            offset += len(item.x)
+                    item.future.set_result(out[offset : offset + len(item.x)])
+                offset += len(item.x)
 
 
 def _expire(items: list[_Item]) -> None:

@@ -34,9 +34,8 @@ async def lifespan(app: FastAPI):
     engine = Engine.load(settings.bundle, settings.device, settings.intra_op_threads, settings.inter_op_threads)
     metrics = Metrics(settings.max_batch_size)
     batcher = DynamicBatcher(
-        engine.run, settings.max_batch_size, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch,
-        instances=settings.model_instances,
-    )  # fmt: skip
+        engine.run, settings.max_batch_size, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch
+    )
     resources = Resources(
         settings, engine, Preprocessor.from_model_json(engine.meta, settings.max_image_pixels), batcher, metrics,
         settings.model_name or engine.meta.get("arch", Path(settings.bundle).name),

@@ -128,20 +128,3 @@ def test_a_cancelled_request_is_not_run_and_stop_finishes_what_is_queued():
 
     first, third = run(main())
     assert first[0, 0] == 4 and third[0, 0] == 12 and model.batches == [1, 1]
-
-
-def test_instances_run_batches_at_the_same_time():
-    both_inside = threading.Barrier(2, timeout=10)  # breaks (and the model raises) unless two batches overlap
-
-    def model(x):
-        both_inside.wait()
-        return x.reshape(len(x), -1)[:, :2]
-
-    async def main():
-        b = await started(DynamicBatcher(model, max_batch_size=2, max_delay_s=0, instances=2))
-        out = await asyncio.gather(b.submit(images(2, 0)), b.submit(images(2, 10)))
-        await b.stop()
-        return out
-
-    first, second = run(main())
-    assert first[:, 0].tolist() == [0, 1] and second[:, 0].tolist() == [10, 11]

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 
 import numpy as np
@@ -226,3 +227,23 @@ def test_overload_timeout_and_model_failure(bundle, digit_pngs):
         assert r.status_code == 500 and r.json() == {"error": "internal server error"}
     finally:
         c.__exit__(None, None, None)
+
+
+def test_not_ready_until_the_warm_up_is_done(bundle, digit_pngs, monkeypatch):
+    from mcc_serve.engine import Engine
+
+    release = threading.Event()
+    real_warmup = Engine.warmup
+    monkeypatch.setattr(Engine, "warmup", lambda self, *a: (release.wait(30), real_warmup(self, *a)))
+    with TestClient(create_app(ServeSettings(bundle=str(bundle))), raise_server_exceptions=False) as c:
+        files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
+        assert c.get("/v2/health/live").json() == {"live": True}  # alive while warming up
+        r = c.get("/v2/health/ready")
+        assert r.status_code == 503 and r.json() == {"ready": False}
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "warming up" in r.json()["error"]
+        release.set()
+        deadline = time.time() + 30
+        while c.get("/v2/health/ready").status_code != 200 and time.time() < deadline:
+            time.sleep(0.02)
+        assert c.post("/v1/predict", files=files).status_code == 200

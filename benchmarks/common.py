@@ -13,13 +13,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved so drift and noise hit all of them alike."""
+    """Seconds per call of each function, calls interleaved so drift and noise hit all of them alike; the order
+    alternates from round to round, so no function always runs right after the same other one."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        for name, fn in list(fns.items())[:: 1 if i % 2 == 0 else -1]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -1,14 +1,20 @@
 """Load test of mcc-serve: throughput and latency over HTTP against in-process onnxruntime.
 
-The server runs in its own process (mcc-serve); this script is the load generator. For each concurrency
-(1, 8, 32, 64) and batching on (max batch 32, 5 ms delay; one worker, or two with one onnxruntime thread each)
-and off (max batch 1, no delay) it sends one-image /v1/predict requests with real digit PNGs, then 8-image
-requests at concurrency 8, and records throughput, p50 and p99. Next to it: in-process
-onnxruntime throughput (decode + preprocess + run, no HTTP) at batch 32 and the model's own batch-1 latency.
+The server runs in its own process (mcc-serve); this script is the load generator (one keep-alive connection
+per client, each sending its next request when the last is answered). For each server configuration it sends
+one-image /v1/predict requests with real digit PNGs at concurrency 1, 8, 32 and 64, then 8-image requests at
+concurrency 8, each level for ``--seconds``, and records throughput, p50 and p99. Configurations: batching on
+(max batch 32, 5 ms delay) with the defaults; off (max batch 1, no delay); on with two worker processes of one
+onnxruntime thread each.
 
-    python benchmarks/serve_load.py [--bundle DIR] [--requests 400]
+The reference is in-process onnxruntime (decode + preprocess + run, batch 32, onnxruntime's defaults, no HTTP),
+measured right before and right after each level with the server idle: every throughput ratio is against the
+mean of the two references beside it, so the drift of a shared machine's speed (+-20% here over a minute)
+cancels instead of landing in the ratio.
 
-Without --bundle it trains resnet18 on digits for one epoch and exports it (about two minutes).
+    python benchmarks/serve_load.py [--bundle DIR] [--seconds 4]
+
+Without --bundle it trains resnet18 on digits for one epoch and exports it (about a minute).
 Targets: batching-on throughput >= 0.7x in-process; batching on >= off at concurrency 32;
 p99 at concurrency 1 < max-delay + 10 ms above the model's own latency.
 """
@@ -36,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table, write_json  # noqa: E402
 
 BIN = Path(sys.executable).parent
+ON = ["--max-batch-size", "32", "--max-delay-ms", "5"]
 BATCHING = {
-    "on": ["--max-batch-size", "32", "--max-delay-ms", "5"],
+    "on": ON,
     "off": ["--max-batch-size", "1", "--max-delay-ms", "0"],
-    "on, 2 workers": ["--max-batch-size", "32", "--max-delay-ms", "5", "--workers", "2", "--intra-op-threads", "1"],
+    "on, 2 workers": [*ON, "--workers", "2", "--intra-op-threads", "1"],
 }
 
 
@@ -64,29 +71,38 @@ def make_bundle(workdir: Path) -> Path:
     return workdir / "bundle"
 
 
-def in_process(bundle: Path, pngs: list[bytes], batch: int, seconds: float = 5.0) -> dict:
-    """Images/s of decode + preprocess + onnxruntime at ``batch``, and the model's batch-1 latency."""
-    import onnxruntime as ort
+class InProcess:
+    """The reference: decode + preprocess + onnxruntime at ``batch`` in this process (onnxruntime's defaults)."""
 
-    from mcc_serve.preprocess import Preprocessor
+    def __init__(self, bundle: Path, pngs: list[bytes], batch: int = 32):
+        import onnxruntime as ort
 
-    meta = json.loads((bundle / "model.json").read_text())
-    pre = Preprocessor.from_model_json(meta, 10**8)
-    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    x1 = pre.load(pngs[0])[None]
-    for _ in range(10):
-        sess.run(None, {"input": x1})
-    lat = []
-    for _ in range(200):
-        t = time.perf_counter()
-        sess.run(None, {"input": x1})
-        lat.append(time.perf_counter() - t)
-    images, started, i = 0, time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        x = np.stack([pre.load(pngs[(i + k) % len(pngs)]) for k in range(batch)])
-        sess.run(None, {"input": x})
-        images, i = images + batch, i + batch
-    return {"images_per_s": images / (time.perf_counter() - started), "model_ms_batch1": 1000 * statistics.median(lat)}
+        from mcc_serve.preprocess import Preprocessor
+
+        meta = json.loads((bundle / "model.json").read_text())
+        self.pre, self.pngs, self.batch = Preprocessor.from_model_json(meta, 10**8), pngs, batch
+        self.sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def model_ms_batch1(self) -> float:
+        x1 = self.pre.load(self.pngs[0])[None]
+        for _ in range(10):
+            self.sess.run(None, {"input": x1})
+        lat = []
+        for _ in range(200):
+            t = time.perf_counter()
+            self.sess.run(None, {"input": x1})
+            lat.append(time.perf_counter() - t)
+        return 1000 * statistics.median(lat)
+
+    def images_per_s(self, seconds: float) -> float:
+        images, started, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            x = np.stack([self.pre.load(self.pngs[(i + k) % len(self.pngs)]) for k in range(self.batch)])
+            self.sess.run(None, {"input": x})
+            images, i = images + self.batch, i + self.batch
+        rate = images / (time.perf_counter() - started)
+        time.sleep(0.2)  # let onnxruntime's spinning pool threads go idle before the server is measured
+        return rate
 
 
 class ServerProcess:
@@ -97,12 +113,17 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(BIN / "mcc-serve"), str(bundle), "--port", str(self.port), "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        for _ in range(600):
+        ready_in_a_row = 0  # with several workers, each answers for itself: wait until all of them are warm
+        for _ in range(1200):
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                with httpx.Client() as client:  # a new connection per probe, so probes reach every worker
+                    ok = client.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200
+                ready_in_a_row = ready_in_a_row + 1 if ok else 0
+                if ready_in_a_row == 20:
                     return
             except httpx.TransportError:
-                time.sleep(0.1)
+                ready_in_a_row = 0
+            time.sleep(0.05)
         raise RuntimeError("mcc-serve did not become ready")
 
     def stop(self):
@@ -124,7 +145,8 @@ async def http_post(reader, writer, request: bytes) -> int:
     return status
 
 
-async def load(url: str, pngs: list[bytes], concurrency: int, requests: int, per_request: int = 1) -> dict:
+async def load(url: str, pngs: list[bytes], concurrency: int, seconds: float, per_request: int = 1) -> dict:
+    """``concurrency`` clients send requests back to back for ``seconds``; throughput and latency of the answers."""
     host, port = url.removeprefix("http://").split(":")
     boundary = "mccbench"
     requests_bytes = []
@@ -140,94 +162,132 @@ async def load(url: str, pngs: list[bytes], concurrency: int, requests: int, per
         head = (f"POST /v1/predict?top_k=1 HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
                 f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
         requests_bytes.append(head + body)
-    latencies, errors = [], 0
-    counter = iter(range(requests))
+    latencies, errors = [], 0  # latencies of answers with status 200; the rest are errors
+    sent = iter(range(10**9))
 
-    async def worker(conn):
+    async def worker(conn, deadline):
         nonlocal errors
         reader, writer = conn
-        for i in counter:
+        while time.perf_counter() < deadline:
             t = time.perf_counter()
-            status = await http_post(reader, writer, requests_bytes[i % len(requests_bytes)])
-            latencies.append(time.perf_counter() - t)
-            errors += status != 200
+            status = await http_post(reader, writer, requests_bytes[next(sent) % len(requests_bytes)])
+            if status == 200:
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors += 1
         writer.close()
 
     conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
     started = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in conns))
+    await asyncio.gather(*(worker(c, started + seconds) for c in conns))
     elapsed = time.perf_counter() - started
     lat = np.array(latencies) * 1000
     return {
-        "rps": requests / elapsed,
-        "images_per_s": requests * per_request / elapsed,
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "images_per_s": len(latencies) * per_request / elapsed,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "errors": errors,
     }
 
 
+def cpu_seconds(root: int) -> float | None:
+    """User + system CPU seconds of process ``root`` and its descendants so far (Linux /proc; None elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+        except (OSError, IndexError):
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if root not in stats:
+        return None
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in stats.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return sum(stats[pid][1] for pid in tree)
+
+
+def run_load(*args) -> dict:
+    """One level in a fresh event loop: uvloop when installed (it is, with uvicorn[standard]), so that the
+    generator, which shares the CPU with the server, costs as little of it as it can."""
+    try:
+        import uvloop
+
+        return uvloop.run(load(*args))
+    except ImportError:
+        return asyncio.run(load(*args))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="a bundle from mcc-export (default: train and export one)")
-    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--seconds", type=float, default=4.0, help="load per level")
+    parser.add_argument("--reference-seconds", type=float, default=2.0, help="in-process reference between levels")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     args = parser.parse_args()
     pngs = digit_pngs()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or make_bundle(Path(tmp))
         meta = json.loads((bundle / "model.json").read_text())
-        base = in_process(bundle, pngs, 32)
+        reference = InProcess(bundle, pngs)
+        model_ms = reference.model_ms_batch1()
         results, rows = {}, []
         for mode, flags in BATCHING.items():
             server = ServerProcess(bundle, flags)
             # one-image requests at each concurrency, then 8-image requests: HTTP cost shared by 8 images
             levels = [(c, 1) for c in args.concurrency] + [(8, 8)]
             try:
+                before = reference.images_per_s(args.reference_seconds)
                 for c, per in levels:
-                    n = args.requests if c > 1 else max(100, args.requests // 4)
-                    r = asyncio.run(load(server.url, pngs, c, n // per, per))
+                    cpu_before, own_before = cpu_seconds(server.proc.pid), time.process_time()
+                    r = run_load(server.url, pngs, c, args.seconds, per)
+                    cpu_after, n = cpu_seconds(server.proc.pid), max(r["requests"], 1)
+                    if cpu_before is not None and cpu_after is not None:
+                        r["server_cpu_ms_per_request"] = 1000 * (cpu_after - cpu_before) / n
+                    r["generator_cpu_ms_per_request"] = 1000 * (time.process_time() - own_before) / n
+                    after = reference.images_per_s(args.reference_seconds)
+                    r["in_process_images_per_s"] = (before + after) / 2  # the reference beside this level
+                    r["vs_in_process"] = r["images_per_s"] / r["in_process_images_per_s"]
                     results[f"{mode}/{c}/{per}"] = r
-                    ratio = r["images_per_s"] / base["images_per_s"]
-                    rows.append([mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"], ratio,
-                                 r["errors"]])  # fmt: skip
+                    rows.append([mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
+                                 r.get("server_cpu_ms_per_request", "n/a"), r["in_process_images_per_s"],
+                                 r["vs_in_process"], r["errors"]])  # fmt: skip
                     print(f"batching {mode}, concurrency {c}, {per} img/request: {r['rps']:.0f} req/s", file=sys.stderr)
+                    before = after
             finally:
                 server.stop()
-    best_single = max(results[f"{m}/{c}/1"]["images_per_s"] for c in args.concurrency for m in ("on", "on, 2 workers"))
+    batching = [m for m in BATCHING if m != "off"]
+    best_single = max((results[f"{m}/{c}/1"]["vs_in_process"], m, c) for c in args.concurrency for m in batching)
+    best_eight = max((results[f"{m}/8/8"]["vs_in_process"], m, 8) for m in batching)
     checks = {
-        "batching on, one-image requests: images/s vs in-process (>= 0.7)": best_single / base["images_per_s"],
-        "batching on, 8-image requests: images/s vs in-process (>= 0.7)": max(
-            results[f"{m}/8/8"]["images_per_s"] for m in ("on", "on, 2 workers")
-        )
-        / base["images_per_s"],
-        "concurrency 32: batching on / off throughput (>= 1)": results["on/32/1"]["rps"] / results["off/32/1"]["rps"]
-        if 32 in args.concurrency
-        else None,
-        "concurrency 1: p99 - model latency, ms (< 5 + 10)": results["on/1/1"]["p99_ms"] - base["model_ms_batch1"]
-        if 1 in args.concurrency
-        else None,
-    }
-    print(f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; "
-          f"in-process (decode + preprocess + onnxruntime, batch 32): {base['images_per_s']:.0f} images/s; "
-          f"model latency at batch 1: {base['model_ms_batch1']:.2f} ms\n")  # fmt: skip
-    headers = [
-        "batching",
-        "concurrency",
-        "img/request",
-        "req/s",
-        "img/s",
-        "p50 ms",
-        "p99 ms",
-        "vs in-process",
-        "errors",
-    ]
+        "batching on, one-image requests: images/s vs in-process (>= 0.7)": best_single,
+        "batching on, 8-image requests: images/s vs in-process (>= 0.7)": best_eight,
+        "concurrency 32: batching on / off throughput (>= 1)": (
+            results["on/32/1"]["rps"] / results["off/32/1"]["rps"], "on vs off", 32
+        ) if 32 in args.concurrency else None,
+        "concurrency 1: p99 - model latency, ms (< 5 + 10)": (
+            results["on/1/1"]["p99_ms"] - model_ms, "on", 1
+        ) if 1 in args.concurrency else None,
+    }  # fmt: skip
+    print(f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; in-process: decode + "
+          f"preprocess + onnxruntime at batch 32, measured before and after each level; model latency at batch 1: "
+          f"{model_ms:.2f} ms\n")  # fmt: skip
+    headers = ["batching", "concurrency", "img/request", "req/s", "img/s", "p50 ms", "p99 ms", "server CPU ms/req",
+               "in-process img/s", "vs in-process", "errors"]  # fmt: skip
     table = print_table(headers, rows)
     print()
-    check_table = print_table(
-        ["target", "measured"], [[k, "n/a" if v is None else f"{v:.2f}"] for k, v in checks.items()]
-    )
-    payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "in_process": base, "results": results}
+    check_rows = [[k, "n/a", ""] if v is None else [k, f"{v[0]:.2f}", f"{v[1]}, concurrency {v[2]}"]
+                  for k, v in checks.items()]  # fmt: skip
+    check_table = print_table(["target", "measured", "where"], check_rows)
+    payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "seconds_per_level": args.seconds,
+               "configurations": BATCHING, "model_ms_batch1": model_ms, "results": results}  # fmt: skip
     write_json("serve_load", {**payload, "checks": checks, "table": table, "check_table": check_table})
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 from pydantic import ValidationError
 
@@ -60,13 +62,21 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[f"MCC_{name.upper()}"] = str(value)
     import uvicorn
 
-    uvicorn.run(
-        "mcc_serve.main:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # one /metrics for all workers: each writes its own files here, a scrape adds them up (mcc_serve.metrics)
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mcc-serve-metrics-")
+    try:
+        uvicorn.run(
+            "mcc_serve.main:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

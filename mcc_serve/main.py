@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .batcher import DynamicBatcher
@@ -56,6 +56,7 @@ async def lifespan(app: FastAPI):
     yield
     warm.cancel()
     await batcher.stop()  # uvicorn has stopped accepting and let in-flight requests finish; drain the queue
+    metrics.close()
     gc.unfreeze()
 
 
@@ -96,7 +97,7 @@ def create_app(settings: ServeSettings | None = None) -> ServeApp:
 
     @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)], summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(request.app.state.resources.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(request.app.state.resources.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -1,8 +1,19 @@
-"""Prometheus metrics, one registry per app (so tests and workers never share global state)."""
+"""Prometheus metrics, one registry per app (so tests and workers never share global state).
+
+With several workers (``mcc-serve --workers N``) every worker writes its metrics to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode, which the CLI turns on) and a scrape,
+whichever worker answers it, adds up all of them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
 class Metrics:
@@ -24,9 +35,24 @@ class Metrics:
             "mcc_batch_size", "images per model run", registry=self.registry,
             buckets=[b for b in buckets if b <= max_batch_size],
         )  # fmt: skip
-        self.in_flight = Gauge("mcc_requests_in_flight", "requests being handled", registry=self.registry)
+        self.in_flight = Gauge(
+            "mcc_requests_in_flight", "requests being handled", registry=self.registry, multiprocess_mode="livesum"
+        )
 
     def observe_batch(self, size: int, waits: list[float]) -> None:
         self.batch_size.observe(size)
         for wait in waits:
             self.queue_wait.observe(wait)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format: this process's metrics, or every worker's in multiprocess mode."""
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """At a worker's exit: its in-flight gauge leaves the sum (its counters and histograms stay)."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())

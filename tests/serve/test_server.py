@@ -1,6 +1,7 @@
 """A real uvicorn process: tritonclient, 200 concurrent requests, graceful shutdown, and no torch inside."""
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import threading
@@ -107,6 +108,46 @@ def test_sigterm_finishes_queued_requests_then_exits(bundle, digit_pngs):
         raise AssertionError("the server still answers after SIGTERM")
     except httpx.ConnectError:
         pass
+
+
+def predicted_by(worker_dir) -> float:
+    """/v1/predict 200s in a directory holding one worker's prometheus multiprocess counter file."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(worker_dir))
+    value = registry.get_sample_value("mcc_requests_total", {"endpoint": "/v1/predict", "status": "200"})
+    return value or 0.0
+
+
+def test_two_workers_one_metrics_endpoint(bundle, digit_pngs, tmp_path):
+    """With --workers 2 every scrape counts the requests of both workers, whichever worker answers it."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    srv = Server(bundle, "--workers", "2", "--intra-op-threads", "1", env=env)
+    try:
+        in_a_row = 0  # each worker warms up on its own: wait until fresh connections keep finding ready workers
+        while in_a_row < 20:
+            with httpx.Client() as c:
+                in_a_row = in_a_row + 1 if c.get(f"{srv.url}/v2/health/ready").status_code == 200 else 0
+        files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
+        for _ in range(30):  # a fresh connection per request, so both workers get some
+            with httpx.Client() as c:
+                assert c.post(f"{srv.url}/v1/predict", files=files).status_code == 200
+        per_worker = []
+        for f in metrics_dir.glob("counter_*.db"):  # one file per worker process
+            worker_dir = tmp_path / f.stem
+            worker_dir.mkdir()
+            shutil.copy(f, worker_dir)
+            per_worker.append(predicted_by(worker_dir))
+        assert len(per_worker) == 2 and min(per_worker) > 0 and sum(per_worker) == 30
+        line = 'mcc_requests_total{endpoint="/v1/predict",status="200"} 30.0'
+        for _ in range(6):  # whichever worker answers the scrape
+            with httpx.Client() as c:
+                assert line in c.get(f"{srv.url}/metrics").text
+    finally:
+        srv.stop()
 
 
 def test_cli_bad_bundle_and_bad_options_exit_2(tmp_path, bundle):

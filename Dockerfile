@@ -12,7 +12,7 @@ RUN apt-get update \
 
 # the serving dependencies only (pyproject's full list adds the training stack)
 RUN pip3 install "onnxruntime-gpu>=1.18" "numpy>=1.24" "pillow>=10" "fastapi>=0.110" "uvicorn[standard]>=0.29" \
-    "pydantic>=2.5" "pydantic-settings>=2.1" "python-multipart>=0.0.9" "prometheus-client>=0.19"
+    "pydantic>=2.5" "pydantic-settings>=2.1" "python-multipart>=0.0.18" "prometheus-client>=0.19"
 
 WORKDIR /app
 COPY mcc_serve/ /app/mcc_serve/

@@ -9,7 +9,9 @@ Shapes: B batch, d features, C classes, K sub-centers per class.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,42 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 SAMPLING_MODES = ("shared", "local")
+SIGMA_MODES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class MCSettings:
+    """The MC hyperparameters, defined once: the head's, plus the loss's ``kl_weight``.
+
+    Args:
+        num_subcenters: K >= 1 sub-centers sampled per class and forward pass.
+        center_weight: target mass on a class's mean center (eq. 8); the rest is split over its K sub-centers.
+        sigma_scale: scale on the standard deviation (see ``sigma_mode``).
+        sigma_mode: ``"absolute"`` (the paper: ``std = sigma_scale * exp(log_var / 2)``) or ``"relative"``
+            (``std = sigma_scale * rms(w_c) * exp(log_var / 2)``: the noise scales with each class's weight).
+        sampling: ``"shared"`` (the paper: one set of sub-centers per forward pass, shared by the batch) or
+            ``"local"`` (local reparameterization: each sample's sub-center logits are drawn directly from
+            their exact per-sample distribution; same per-sample law, far fewer random numbers).
+        kl_weight: weight of L_sigma in the loss (1 in the paper; 0 removes it).
+    """
+
+    num_subcenters: int = 2
+    center_weight: float = 0.5
+    sigma_scale: float = 0.1
+    sigma_mode: str = "absolute"
+    sampling: str = "shared"
+    kl_weight: float = 1.0
+
+    def head_kwargs(self) -> dict:
+        """The MultiCenterHead arguments (everything but the loss's kl_weight)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kl_weight"}
+
+
+MC_PRESETS = {
+    "paper": MCSettings(),  # the paper and the authors' code: K=2, 0.5, absolute std 0.1, shared draw, L_sigma 1
+}
+MC_PRESETS["default"] = MC_PRESETS["paper"]
+MC_DEFAULTS = MC_PRESETS["default"]
 
 
 class MultiCenterHead(nn.Module):
@@ -27,32 +65,30 @@ class MultiCenterHead(nn.Module):
     Args:
         in_features: d, the pooled feature width.
         num_classes: C.
-        num_subcenters: K >= 1 sub-centers sampled per class and forward pass.
-        center_weight: target mass on a class's mean center (eq. 8); the rest is split over its K sub-centers.
-        sigma_scale: scale on the standard deviation, ``std = sigma_scale * exp(log_var / 2)``.
+        num_subcenters, center_weight, sigma_scale, sigma_mode, sampling: as ``MCSettings``; the defaults are
+            ``MC_DEFAULTS``.
         bias: keep a per-class bias, shared by the mean and its sub-centers.
-        sampling: ``"shared"`` (the paper: one set of sub-centers per forward pass, shared by the batch) or
-            ``"local"`` (local reparameterization: each sample's sub-center logits are drawn directly from
-            their exact per-sample distribution; same per-sample law, far fewer random numbers).
     """
 
     def __init__(
         self,
         in_features: int,
         num_classes: int,
-        num_subcenters: int = 2,
-        center_weight: float = 0.5,
-        sigma_scale: float = 0.1,
+        num_subcenters: int = MC_DEFAULTS.num_subcenters,
+        center_weight: float = MC_DEFAULTS.center_weight,
+        sigma_scale: float = MC_DEFAULTS.sigma_scale,
         bias: bool = True,
-        sampling: str = "shared",
+        sampling: str = MC_DEFAULTS.sampling,
+        sigma_mode: str = MC_DEFAULTS.sigma_mode,
     ):
         super().__init__()
-        check_head_args(num_subcenters, center_weight, sigma_scale, sampling)
+        check_head_args(num_subcenters, center_weight, sigma_scale, sampling, sigma_mode)
         self.in_features = in_features
         self.num_classes = num_classes
         self.num_subcenters = num_subcenters
         self.center_weight = center_weight
         self.sigma_scale = sigma_scale
+        self.sigma_mode = sigma_mode
         self.sampling = sampling
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
@@ -68,8 +104,31 @@ class MultiCenterHead(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def std(self) -> torch.Tensor:
-        """Standard deviation of every class's Gaussian, (C, d)."""
-        return self.sigma_scale * torch.exp(0.5 * self.log_var)
+        """Standard deviation of every class's Gaussian, (C, d).
+
+        ``absolute``: ``sigma_scale * exp(log_var / 2)``. ``relative``: the same times the RMS of the class's
+        mean center ``sqrt(mean_j w_cj^2)``, taken as a constant (no gradient flows through it), so the offset
+        of a sub-center is a fixed fraction of its center whatever scale the backbone and the data give ``w``.
+        """
+        std = self.sigma_scale * torch.exp(0.5 * self.log_var)  # (C, d)
+        if self.sigma_mode == "relative":
+            std = std * self.weight.detach().square().mean(dim=1, keepdim=True).sqrt()  # (C, d) * (C, 1)
+        return std
+
+    def logit_std(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard deviation of each sub-center logit around its mean center's logit, (B, d) -> (B, C).
+
+        For one sample, ``x . w_c^(k) = x . w_c + sum_j x_j std_cj eps_ckj ~ N(x . w_c, sum_j x_j^2 std_cj^2)``.
+        """
+        return F.linear(x.square(), self.std().square()).clamp_min(0).sqrt()
+
+    def offset_ratio(self) -> torch.Tensor:
+        """Expected sub-center offset norm over mean-center norm, per class: ``||std_c|| / ||w_c||``, (C,).
+
+        ``E ||std_c * eps||^2 = ||std_c||^2``; a ratio of 1 means a sub-center is as far from its mean as the mean
+        is from the origin.
+        """
+        return self.std().norm(dim=1) / self.weight.norm(dim=1).clamp_min(1e-12)
 
     def sample_centers(self, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Mean centers and K sampled sub-centers per class, interleaved: (C*(K+1), d).
@@ -94,12 +153,11 @@ class MultiCenterHead(nn.Module):
         return F.linear(x, self.sample_centers(), bias)  # (B, d) -> (B, C*(K+1))
 
     def _forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        # For one sample, x . w_c^(k) = x . w_c + sum_j x_j std_cj eps_ckj ~ N(x . w_c, sum_j x_j^2 std_cj^2).
+        # Each sub-center logit is drawn from its exact per-sample law N(x . w_c + b_c, logit_std^2).
         K = self.num_subcenters
         mean = F.linear(x, self.weight, self.bias)  # (B, C)
-        var = F.linear(x.square(), self.sigma_scale**2 * self.log_var.exp())  # (B, d) -> (B, C)
         xi = torch.randn(*mean.shape, K, device=mean.device, dtype=mean.dtype)  # (B, C, K)
-        sub = mean.unsqueeze(-1) + var.clamp_min(0).sqrt().unsqueeze(-1) * xi  # (B, C, K)
+        sub = mean.unsqueeze(-1) + self.logit_std(x).unsqueeze(-1) * xi  # (B, C, K)
         return torch.cat([mean.unsqueeze(-1), sub], dim=-1).flatten(-2)  # (B, C*(K+1))
 
     def kl_loss(self) -> torch.Tensor:
@@ -119,12 +177,18 @@ class MultiCenterHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, num_subcenters={self.num_subcenters}, "
-            f"center_weight={self.center_weight}, sigma_scale={self.sigma_scale}, bias={self.bias is not None}, "
-            f"sampling={self.sampling}"
+            f"center_weight={self.center_weight}, sigma_scale={self.sigma_scale}, sigma_mode={self.sigma_mode}, "
+            f"bias={self.bias is not None}, sampling={self.sampling}"
         )
 
 
-def check_head_args(num_subcenters: int, center_weight: float, sigma_scale: float, sampling: str = "shared") -> None:
+def check_head_args(
+    num_subcenters: int,
+    center_weight: float,
+    sigma_scale: float,
+    sampling: str = "shared",
+    sigma_mode: str = "absolute",
+) -> None:
     """Raise ValueError naming the first out-of-range MC hyperparameter."""
     if not isinstance(num_subcenters, int) or num_subcenters < 1:
         raise ValueError(f"num_subcenters (K) must be an integer >= 1, got {num_subcenters!r}")
@@ -134,6 +198,8 @@ def check_head_args(num_subcenters: int, center_weight: float, sigma_scale: floa
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"sigma_mode must be one of {', '.join(SIGMA_MODES)}, got {sigma_mode!r}")
 
 
 def multi_center_target(
@@ -166,7 +232,7 @@ class MultiCenterLoss:
         kl_weight: weight of L_sigma (1 in the paper; 0 removes it, the table 7 ablation).
     """
 
-    def __init__(self, head: MultiCenterHead, kl_weight: float = 1.0):
+    def __init__(self, head: MultiCenterHead, kl_weight: float = MC_DEFAULTS.kl_weight):
         self.head = head
         self.kl_weight = kl_weight
         self.cross_entropy = SoftTargetCrossEntropy()

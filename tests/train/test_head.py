@@ -9,6 +9,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from mcc_train import MultiCenterHead, MultiCenterLoss, multi_center_target
+from mcc_train.head import MC_DEFAULTS, MC_PRESETS, MCSettings
 
 
 def make_head(C=3, d=4, K=2, **kw):
@@ -24,8 +25,9 @@ def test_parameters_and_init_follow_method():
     assert make_head(bias=False).bias is None
 
 
-def test_eval_logits_equal_nn_linear_bit_for_bit():
-    head = make_head(C=10, d=32).eval()
+@pytest.mark.parametrize("sigma_mode", ["absolute", "relative"])
+def test_eval_logits_equal_nn_linear_bit_for_bit(sigma_mode):
+    head = make_head(C=10, d=32, sigma_mode=sigma_mode).eval()
     linear = nn.Linear(32, 10)
     linear.load_state_dict({"weight": head.weight.detach(), "bias": head.bias.detach()})
     x = torch.randn(7, 32)
@@ -130,8 +132,9 @@ def test_loss_is_soft_target_ce_plus_weighted_kl():
     torch.testing.assert_close(MultiCenterLoss(head, kl_weight=0.0)(logits, target), ce)
 
 
-def test_local_sampling_matches_shared_per_sample_mean_and_variance():
-    head = make_head(C=3, d=6, K=2, sigma_scale=1.0).train()
+@pytest.mark.parametrize("sigma_mode", ["absolute", "relative"])
+def test_local_sampling_matches_shared_per_sample_mean_and_variance(sigma_mode):
+    head = make_head(C=3, d=6, K=2, sigma_scale=1.0, sigma_mode=sigma_mode).train()
     with torch.no_grad():
         head.log_var.uniform_(-1, 1)
     x = torch.randn(2, 6)
@@ -158,8 +161,57 @@ def test_local_sampling_matches_shared_per_sample_mean_and_variance():
         ({"center_weight": 1.5}, "center_weight"),
         ({"sigma_scale": -1.0}, "sigma_scale"),
         ({"sampling": "bogus"}, "sampling"),
+        ({"sigma_mode": "proportional"}, "sigma_mode"),
     ],
 )
 def test_out_of_range_hyperparameters_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MultiCenterHead(4, 3, **kwargs)
+
+
+def test_relative_std_is_sigma_times_each_class_weights_rms():
+    head = make_head(C=2, d=4, sigma_scale=0.5, sigma_mode="relative")
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, -1.0, 1.0, -1.0], [3.0, 0.0, 0.0, 4.0]]))
+        head.log_var.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 2 * math.log(2.0), 0.0, 0.0]]))
+    # rms(w_0) = 1, rms(w_1) = sqrt(25 / 4) = 2.5; std = 0.5 * rms * exp(log_var / 2)
+    expected = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.25, 2.5, 1.25, 1.25]])
+    torch.testing.assert_close(head.std(), expected)
+    eps = torch.randn(2, 2, 4)
+    centers = head.sample_centers(eps)
+    torch.testing.assert_close(centers[4], head.weight[1] + expected[1] * eps[1, 0])
+    # the RMS is a constant: the noise gives no gradient to the mean centers through it
+    head.std().sum().backward()
+    assert head.weight.grad is None and head.log_var.grad is not None
+    absolute = make_head(C=2, d=4, sigma_scale=0.5)
+    with torch.no_grad():
+        absolute.log_var.zero_()
+    torch.testing.assert_close(absolute.std(), torch.full((2, 4), 0.5))
+
+
+def test_offset_ratio_and_logit_std_by_hand():
+    head = make_head(C=2, d=2, sigma_scale=1.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        head.log_var.copy_(torch.tensor([[0.0, 0.0], [2 * math.log(2.0), 0.0]]))  # std rows (1, 1), (2, 1)
+    # ||std_c|| / ||w_c||: sqrt(2) / 5 and sqrt(5) / 1
+    torch.testing.assert_close(head.offset_ratio(), torch.tensor([math.sqrt(2) / 5, math.sqrt(5)]))
+    x = torch.tensor([[1.0, 2.0]])
+    # sqrt(sum_j x_j^2 std_cj^2): sqrt(1 + 4) and sqrt(4 + 4)
+    torch.testing.assert_close(head.logit_std(x), torch.tensor([[math.sqrt(5), math.sqrt(8)]]))
+
+
+def test_paper_preset_is_the_papers_settings():
+    paper = MC_PRESETS["paper"]
+    assert paper == MCSettings(num_subcenters=2, center_weight=0.5, sigma_scale=0.1, sigma_mode="absolute",
+                               sampling="shared", kl_weight=1.0)  # fmt: skip
+    assert MC_PRESETS["default"] is MC_DEFAULTS
+    head = MultiCenterHead(8, 3)
+    assert (head.num_subcenters, head.center_weight, head.sigma_scale, head.sigma_mode, head.sampling) == (
+        MC_DEFAULTS.num_subcenters,
+        MC_DEFAULTS.center_weight,
+        MC_DEFAULTS.sigma_scale,
+        MC_DEFAULTS.sigma_mode,
+        MC_DEFAULTS.sampling,
+    )
+    assert MultiCenterLoss(head).kl_weight == MC_DEFAULTS.kl_weight

@@ -3,10 +3,13 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import UsageError
-from .head import MultiCenterHead, MultiCenterLoss, multi_center_target
+from .head import MC_DEFAULTS, MC_PRESETS, MCSettings, MultiCenterHead, MultiCenterLoss, multi_center_target
 from .model import classifier_path, create_model, get_mc_head
 
 __all__ = [
+    "MC_DEFAULTS",
+    "MC_PRESETS",
+    "MCSettings",
     "MultiCenterHead",
     "MultiCenterLoss",
     "TrainConfig",

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from .config import TrainConfig, coerce, field_type, load_yaml
+from .config import TrainConfig, coerce, field_type, load_yaml, preset_values
 from .errors import UsageError
 
 EPILOG = """examples:
@@ -36,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         base, optional = field_type(f)
-        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = " ".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f"{f.metadata['help']} (default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif base is dict:
+            parser.add_argument(flag, dest=f.name, nargs="+", metavar="KEY=VALUE", help=help_text)
         elif f.metadata.get("nargs"):
             parser.add_argument(
                 flag, dest=f.name, nargs=f.metadata["nargs"], type=base, metavar=("LO", "HI"), help=help_text
@@ -58,7 +61,10 @@ def _optional(base):
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags and files -> one validated TrainConfig (raises UsageError on bad values)."""
+    """Flags and files -> one validated TrainConfig (raises UsageError on bad values).
+
+    Precedence: defaults < the resumed run's config < --mc-preset < --config FILE.yaml < flags.
+    """
     args = vars(build_parser().parse_args(argv))
     values: dict = {}
     if "resume" in args and args["resume"]:
@@ -66,8 +72,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
         values.update(load_checkpoint(args["resume"])["config"])
         values.pop("overwrite", None)
-    if "config" in args:
-        values.update(load_yaml(args.pop("config")))
+    file_values = load_yaml(args.pop("config")) if "config" in args else {}
+    values.update(preset_values(args.get("mc_preset", file_values.get("mc_preset"))))
+    values.update(file_values)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values.update({k: coerce(fields[k], v) for k, v in args.items() if k in fields})
     return TrainConfig.from_dict(values).validate()

@@ -10,9 +10,15 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .head import MC_DEFAULTS, MC_PRESETS, SAMPLING_MODES, SIGMA_MODES, MCSettings
+
+# timm.create_model arguments that mcc sets itself; --model-kwargs may not name them
+RESERVED_MODEL_KWARGS = {"pretrained", "num_classes", "in_chans", "img_size", "checkpoint_path", "drop_rate"}
 
 
 def _f(default, help: str, **meta):
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -30,12 +36,20 @@ class TrainConfig:
     workers: int = _f(2, "data-loading worker processes per rank")
     # model
     arch: str = _f("resnet18", "any timm model name with a single linear classifier")
+    model_kwargs: dict = _f({}, "extra timm.create_model arguments, KEY=VALUE ... (e.g. patch_size=4)", nargs="+")
     head: str = _f("mc", "mc (multi-center) | linear (vanilla baseline)")
-    num_subcenters: int = _f(2, "K, sub-centers sampled per class")
-    center_weight: float = _f(0.5, "target mass on a class's mean center, in (0, 1]")
-    sigma_scale: float = _f(0.1, "std = sigma_scale * exp(log_var / 2)")
-    sampling: str = _f("shared", "shared (the paper: one draw per step) | local (per-sample logit draw, cheaper)")
-    kl_weight: float = _f(1.0, "weight of the std loss L_sigma (0 removes it)")
+    mc_preset: str | None = _f(None, f"MC settings by name: {' | '.join(MC_PRESETS)}; single MC flags override it")
+    num_subcenters: int = _f(MC_DEFAULTS.num_subcenters, "K, sub-centers sampled per class")
+    center_weight: float = _f(MC_DEFAULTS.center_weight, "target mass on a class's mean center, in (0, 1]")
+    sigma_scale: float = _f(MC_DEFAULTS.sigma_scale, "scale of the sub-center std (see --sigma-mode)")
+    sigma_mode: str = _f(
+        MC_DEFAULTS.sigma_mode,
+        "absolute (the paper: std = sigma_scale * exp(log_var/2)) | relative (that times each class weight's RMS)",
+    )
+    sampling: str = _f(
+        MC_DEFAULTS.sampling, "shared (the paper: one draw per step) | local (per-sample logit draw, cheaper)"
+    )
+    kl_weight: float = _f(MC_DEFAULTS.kl_weight, "weight of the std loss L_sigma (0 removes it)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     checkpoint_path: str | None = _f(None, "local timm weights file that initialises the backbone")
     # optimisation (AdamW + cosine with warm-up, after the paper's recipe scaled to small data)
@@ -85,7 +99,17 @@ class TrainConfig:
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.head in ("mc", "linear"), f"--head must be mc or linear, got {self.head!r}"),
-            (self.sampling in ("shared", "local"), f"--sampling must be shared or local, got {self.sampling!r}"),
+            (self.sampling in SAMPLING_MODES, f"--sampling must be shared or local, got {self.sampling!r}"),
+            (self.sigma_mode in SIGMA_MODES, f"--sigma-mode must be absolute or relative, got {self.sigma_mode!r}"),
+            (
+                self.mc_preset is None or self.mc_preset in MC_PRESETS,
+                f"--mc-preset must be one of {', '.join(MC_PRESETS)}, got {self.mc_preset!r}",
+            ),
+            (
+                not set(self.model_kwargs) & (RESERVED_MODEL_KWARGS | set(MCSettings.__dataclass_fields__)),
+                f"--model-kwargs may not set {', '.join(sorted(set(self.model_kwargs) & RESERVED_MODEL_KWARGS))}"
+                " (mcc sets it; use its own flag)",
+            ),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (
                 self.interpolation in ("bilinear", "bicubic", "nearest"),
@@ -101,26 +125,43 @@ class TrainConfig:
                 raise UsageError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
         return self
 
+    def mc(self) -> MCSettings:
+        """The MC hyperparameters of this run."""
+        return MCSettings(**{f: getattr(self, f) for f in MCSettings.__dataclass_fields__})
+
     def to_dict(self) -> dict:
         """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Build from a dict (YAML file, checkpoint), rejecting unknown keys with the valid ones named."""
+        """Build from a dict (YAML file, checkpoint), rejecting unknown keys with the valid ones named.
+
+        ``mc_preset`` fills the MC fields that ``values`` does not set itself.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - names)
         if unknown:
             raise UsageError(f"unknown config key(s) {', '.join(unknown)}; see mcc-train --help for valid ones")
+        values = preset_values(values.get("mc_preset")) | values
         fields = {f.name: f for f in dataclasses.fields(cls)}
         return cls(**{k: coerce(fields[k], v) for k, v in values.items()})
+
+
+def preset_values(name: str | None) -> dict:
+    """The MC fields of a named preset (empty for None); UsageError for an unknown name."""
+    if name is None:
+        return {}
+    if name not in MC_PRESETS:
+        raise UsageError(f"--mc-preset must be one of {', '.join(MC_PRESETS)}, got {name!r}")
+    return dataclasses.asdict(MC_PRESETS[name])
 
 
 def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional) of a TrainConfig field: ``"float | None"`` -> (float, True)."""
     names = [t.strip() for t in str(f.type).split("|")]
-    base = {"int": int, "float": float, "str": str, "bool": bool}.get(names[0], float)  # tuple[float, float]
+    base = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(names[0], float)  # tuple: float
     return base, "None" in names
 
 
@@ -133,6 +174,8 @@ def coerce(f: dataclasses.Field, value):
             return None
         raise UsageError(f"{flag} needs a value, got none")
     try:
+        if base is dict:
+            return parse_kwargs(value)
         if f.metadata.get("nargs"):
             if not isinstance(value, (list, tuple)) or len(value) != f.metadata["nargs"]:
                 raise ValueError
@@ -144,8 +187,24 @@ def coerce(f: dataclasses.Field, value):
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return base(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag}: expected {f.type}, got {value!r}") from None
+    except (TypeError, ValueError, yaml.YAMLError):
+        expected = "KEY=VALUE pairs" if base is dict else f.type
+        raise UsageError(f"{flag}: expected {expected}, got {value!r}") from None
+
+
+def parse_kwargs(value) -> dict:
+    """``{"k": v}`` or ``["k=v", ...]`` (values read as YAML scalars: 4, 0.1, true, text) -> dict."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise ValueError
+    out = {}
+    for item in value:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError
+        out[key] = yaml.safe_load(text) if text else None
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .head import MultiCenterHead, check_head_args
+from .head import MC_DEFAULTS, MCSettings, MultiCenterHead, check_head_args
 
 _logger = logging.getLogger(__name__)
 
@@ -42,13 +43,10 @@ def create_model(
     *,
     head: str = "mc",
     in_chans: int = 3,
-    num_subcenters: int = 2,
-    center_weight: float = 0.5,
-    sigma_scale: float = 0.1,
-    sampling: str = "shared",
+    mc: MCSettings = MC_DEFAULTS,
     img_size: int | None = None,
     checkpoint_path: str | Path | None = None,
-    **timm_kwargs,
+    **kwargs,
 ) -> nn.Module:
     """Build ``timm.create_model(arch, pretrained=False, ...)`` with an MC (or the vanilla linear) head.
 
@@ -60,42 +58,42 @@ def create_model(
         num_classes: C.
         head: ``"mc"`` or ``"linear"`` (the vanilla baseline).
         in_chans: input channels (1 for grayscale).
+        mc: the MC hyperparameters (``MC_DEFAULTS`` unless given); single fields can also be passed as keywords,
+            e.g. ``num_subcenters=4, sampling="local"``.
         img_size: input size; passed to timm only for models with a fixed token grid (ViT, Swin), CNNs take any.
         checkpoint_path: local timm weights that initialise the backbone; a classifier of another shape is skipped.
-        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_rate``, ...).
+        **kwargs: MCSettings fields, the rest passed to ``timm.create_model`` (``drop_rate``, ``patch_size``, ...).
     """
     if head not in HEADS:
         raise UsageError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    mc_fields = {f.name for f in dataclasses.fields(MCSettings)}
+    mc = dataclasses.replace(mc, **{k: kwargs.pop(k) for k in list(kwargs) if k in mc_fields})
+    timm_kwargs = kwargs
     if head == "mc":
         try:
-            check_head_args(num_subcenters, center_weight, sigma_scale, sampling)
+            check_head_args(mc.num_subcenters, mc.center_weight, mc.sigma_scale, mc.sampling, mc.sigma_mode)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
         raise UsageError(f"unknown arch {arch!r}{hint}")
-    timm_kwargs |= timm_size_kwargs(arch, img_size)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    timm_kwargs = timm_size_kwargs(arch, img_size) | timm_kwargs
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    except TypeError as e:  # an argument the model's constructor does not take
+        raise UsageError(f"{arch}: {e}; check --model-kwargs") from None
     path = classifier_path(model)
     if checkpoint_path is not None:
         load_backbone(model, checkpoint_path, path)
     if head == "mc":
         linear = model.get_submodule(path)
-        mc = MultiCenterHead(
-            linear.in_features,
-            num_classes,
-            num_subcenters=num_subcenters,
-            center_weight=center_weight,
-            sigma_scale=sigma_scale,
-            bias=linear.bias is not None,
-            sampling=sampling,
-        )
+        mc_head = MultiCenterHead(linear.in_features, num_classes, bias=linear.bias is not None, **mc.head_kwargs())
         with torch.no_grad():  # same starting point as the linear baseline
-            mc.weight.copy_(linear.weight)
+            mc_head.weight.copy_(linear.weight)
             if linear.bias is not None:
-                mc.bias.copy_(linear.bias)
-        model.set_submodule(path, mc)
+                mc_head.bias.copy_(linear.bias)
+        model.set_submodule(path, mc_head)
     return model
 
 

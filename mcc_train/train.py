@@ -29,15 +29,27 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import TrainConfig, save_yaml
-from .data import build_data_config, build_transforms, load_data, set_transforms
+from .data import ArrayDataset, build_data_config, build_transforms, load_data, set_transforms
 from .errors import UsageError
-from .head import MultiCenterLoss
+from .head import MultiCenterHead, MultiCenterLoss
 from .model import create_model, get_mc_head
 from .plots import plot_curves
 
 _logger = logging.getLogger("mcc_train")
 
-METRIC_FIELDS = ["epoch", "train_loss", "eval_loss", "top1", "top5", "lr", "sub_center_std", "epoch_time_s"]
+METRIC_FIELDS = [
+    "epoch",
+    "train_loss",
+    "eval_loss",
+    "top1",
+    "top5",
+    "lr",
+    "sub_center_std",
+    "offset_ratio",
+    "logit_margin",
+    "logit_spread",
+    "epoch_time_s",
+]
 
 
 @dataclass
@@ -135,10 +147,16 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, rt: Runtime) -> dict:
-    """Eval-mode loss, top-1 and top-5 (percent) over the whole val set, summed across ranks."""
+def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None) -> dict:
+    """Eval-mode loss, top-1 and top-5 (percent) over the whole val set, summed across ranks.
+
+    Also the scale of the logits: ``logit_margin``, the mean of (target logit - best other logit), and for an MC
+    ``head`` ``logit_spread``, the mean std of the target class's sub-center logits around its mean-center logit.
+    """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count
+    features = []
+    hook = head.register_forward_hook(lambda m, args, out: features.append(args[0])) if head is not None else None
+    sums = torch.zeros(6, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count, margin, spread
     for images, target in loader:
         images = images.to(rt.device, non_blocking=True)
         target = target.to(rt.device, non_blocking=True)
@@ -147,11 +165,26 @@ def evaluate(model, loader, rt: Runtime) -> dict:
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             logits = model(images).float()  # (B, C): the mean centers only
         top1, top5 = top_k_correct(logits, target)
+        true = logits.gather(1, target[:, None]).squeeze(1)  # (B,)
+        other = logits.scatter(1, target[:, None], float("-inf")).amax(1)  # (B,)
+        spread = head.logit_std(features.pop().float()).gather(1, target[:, None]).sum() if hook else 0.0
         sums += torch.stack(
-            [F.cross_entropy(logits, target, reduction="sum"), top1, top5, target.new_tensor(len(target))]
-        )
-    loss, top1, top5, n = all_reduce_sum(sums, rt).tolist()
-    return {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+            [
+                F.cross_entropy(logits, target, reduction="sum"),
+                top1,
+                top5,
+                target.new_tensor(len(target)),
+                (true - other).sum(),
+                torch.as_tensor(spread, device=rt.device),
+            ]
+        ).double()
+    if hook is not None:
+        hook.remove()
+    loss, top1, top5, n, margin, spread = all_reduce_sum(sums, rt).tolist()
+    metrics = {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "logit_margin": margin / n}
+    if head is not None:
+        metrics["logit_spread"] = spread / n
+    return metrics
 
 
 def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
@@ -168,8 +201,11 @@ def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
         persistent_workers=cfg.workers > 0,
     )
     val_index = list(range(rt.rank, len(splits.val), rt.world_size))  # every val image exactly once over ranks
+    val_set = torch.utils.data.Subset(splits.val, val_index)
+    if isinstance(splits.val, ArrayDataset):
+        val_set = cache_in_memory(val_set)
     val = DataLoader(
-        torch.utils.data.Subset(splits.val, val_index),
+        val_set,
         cfg.batch_size * 2,
         num_workers=cfg.workers,
         pin_memory=pin,
@@ -181,6 +217,18 @@ def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
             "per rank; lower it"
         )
     return train, train_sampler, val
+
+
+def cache_in_memory(dataset, max_bytes: int = 512 * 2**20):
+    """The eval set as one tensor when it fits in ``max_bytes``: its transform is deterministic, so every epoch's
+    evaluation would decode and normalise the same images again."""
+    first = dataset[0][0]
+    if len(dataset) * first.numel() * first.element_size() > max_bytes:
+        return dataset
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([image for image, _ in items])  # (N, C, H, W)
+    labels = torch.tensor([label for _, label in items])  # (N,)
+    return torch.utils.data.TensorDataset(images, labels)
 
 
 def prepare_out_dir(cfg: TrainConfig) -> Path:
@@ -222,13 +270,11 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         splits.num_classes,
         head=cfg.head,
         in_chans=in_chans,
-        num_subcenters=cfg.num_subcenters,
-        center_weight=cfg.center_weight,
-        sigma_scale=cfg.sigma_scale,
-        sampling=cfg.sampling,
+        mc=cfg.mc(),
         img_size=cfg.img_size,
         checkpoint_path=cfg.checkpoint_path,
         drop_rate=cfg.drop_rate,
+        **cfg.model_kwargs,
     )
     data_config = build_data_config(model, cfg.img_size, in_chans, cfg.crop_pct, cfg.interpolation)
     train_tf, val_tf = build_transforms(data_config, hflip, cfg.scale)
@@ -304,8 +350,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             ddp_model, train_loader, optimizer, scheduler, loss_fn, mixup, cfg, rt, epoch, scaler, splits.num_classes
         )
         lr = optimizer.param_groups[0]["lr"]  # at the epoch's last step
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(ddp_model, val_loader, rt), "lr": lr}
-        metrics["sub_center_std"] = head.std().mean().item() if head is not None else None
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(ddp_model, val_loader, rt, head), "lr": lr}
+        if head is not None:
+            metrics["sub_center_std"] = head.std().mean().item()
+            metrics["offset_ratio"] = head.offset_ratio().mean().item()
         metrics["epoch_time_s"] = time.time() - epoch_start
         is_best = metrics["top1"] > best_top1
         if is_best:

@@ -56,19 +56,24 @@ def trained_run(tmp_path_factory) -> Path:
     return out
 
 
-def make_checkpoint(path: Path, arch: str, head: str = "mc", img_size: int = 32, in_chans: int = 3, seed: int = 0):
-    """A checkpoint as mcc-train writes it, for an arch we do not train in tests; weights perturbed off init."""
+def make_checkpoint(
+    path: Path, arch: str, head: str = "mc", img_size: int = 32, in_chans: int = 3, seed: int = 0, **config
+):
+    """A checkpoint as mcc-train writes it, for an arch we do not train in tests; weights perturbed off init.
+
+    ``config``: further TrainConfig fields (MC settings, ``model_kwargs``) the model is built with.
+    """
     import torch
 
     from mcc_train import TrainConfig, create_model, save_checkpoint
     from mcc_train.data import build_data_config
 
     torch.manual_seed(seed)
-    model = create_model(arch, 10, head=head, in_chans=in_chans, img_size=img_size)
+    cfg = TrainConfig(arch=arch, head=head, img_size=img_size, in_chans=in_chans, epochs=1, **config)
+    model = create_model(arch, 10, head=head, in_chans=in_chans, img_size=img_size, mc=cfg.mc(), **cfg.model_kwargs)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    cfg = TrainConfig(arch=arch, head=head, img_size=img_size, in_chans=in_chans, epochs=1)
     dc = build_data_config(model, img_size, in_chans, cfg.crop_pct, cfg.interpolation)
     dc = {k: list(v) if isinstance(v, tuple) else v for k, v in dc.items()}
     save_checkpoint(

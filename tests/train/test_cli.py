@@ -28,8 +28,9 @@ def test_a_run_writes_checkpoints_metrics_config_and_plot(trained_run):
     with open(trained_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert {"train_loss", "eval_loss", "top1", "top5", "lr", "sub_center_std"} <= set(rows[0])
+    assert {"train_loss", "eval_loss", "top1", "top5", "lr", "sub_center_std", "offset_ratio"} <= set(rows[0])
     assert 0 <= float(rows[1]["top1"]) <= float(rows[1]["top5"]) <= 100 and float(rows[1]["sub_center_std"]) > 0
+    assert float(rows[1]["offset_ratio"]) > 0 and float(rows[1]["logit_spread"]) > 0 and rows[1]["logit_margin"]
     assert yaml.safe_load((trained_run / "config.yaml").read_text())["arch"] == "resnet10t"
     assert (trained_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -3,14 +3,15 @@
 model.json, version 1:
 
 - ``format``: ``"mcc-bundle"``, ``version``: 1, ``created``: UTC time
-- ``arch``, ``num_classes``, ``class_names``, ``in_chans``
+- ``arch``, ``num_classes``, ``class_names``, ``in_chans``, ``model_kwargs`` (extra ``timm.create_model``
+  arguments, e.g. ``{"patch_size": 4}``; ``{}`` when none)
 - ``input``: ``{"name": "input", "shape": [null, C, H, W], "dtype": "float32"}``;
   ``output``: ``{"name": "logits", "shape": [null, num_classes], "dtype": "float32"}``
 - ``preprocess``: timm's eval transform: ``input_size`` [C, H, W], ``mean``, ``std``, ``interpolation``,
   ``crop_pct``, ``crop_mode``; resize the shorter side to ``floor(H / crop_pct)``, center-crop H x W, scale to
   [0, 1], normalise
 - ``head``: ``type`` (``mc`` | ``linear``), ``classifier`` (module path), ``num_subcenters``, ``center_weight``,
-  ``sigma_scale``, ``sampling`` (the training-time head; the bundle holds only the mean centers)
+  ``sigma_scale``, ``sigma_mode``, ``sampling`` (the training-time head; the bundle holds only the mean centers)
 - ``source``: ``checkpoint`` (absolute path), ``sha256``, ``epoch``; ``metrics``: the eval metrics it recorded
 - ``files``: ``{name: {"sha256", "bytes"}}`` for model.onnx, model.safetensors and model_fp16.onnx (with --fp16)
 - ``onnx``: ``opset``, ``exporter``, ``torch``, ``timm``, ``onnx`` versions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from mcc_train import UsageError, classifier_path, create_model, get_mc_head, load_checkpoint
+from mcc_train.head import MC_PRESETS, MCSettings
 from mcc_train.model import timm_size_kwargs
 
 
@@ -47,11 +49,9 @@ def load_trained(path: str | Path) -> LoadedCheckpoint:
         ckpt["num_classes"],
         head=ckpt["head"],
         in_chans=ckpt["in_chans"],
-        num_subcenters=cfg.get("num_subcenters", 2),
-        center_weight=cfg.get("center_weight", 0.5),
-        sigma_scale=cfg.get("sigma_scale", 0.1),
-        sampling=cfg.get("sampling", "shared"),
+        mc=mc_settings(cfg),
         img_size=int(ckpt["data_config"]["input_size"][-1]),
+        **cfg.get("model_kwargs", {}),
     )
     try:
         model.load_state_dict(ckpt["model"], strict=True)
@@ -60,6 +60,12 @@ def load_trained(path: str | Path) -> LoadedCheckpoint:
             f"{path}: weights do not fit {ckpt['arch']} ({str(e).splitlines()[1].strip()[:120]})"
         ) from None
     return LoadedCheckpoint(Path(path), ckpt, model.eval(), classifier_path(model))
+
+
+def mc_settings(cfg: dict) -> MCSettings:
+    """The MC settings a checkpoint was trained with (a key missing from an older checkpoint: the paper's)."""
+    paper = dataclasses.asdict(MC_PRESETS["paper"])
+    return MCSettings(**{k: cfg.get(k, v) for k, v in paper.items()})
 
 
 def collapse(model: nn.Module) -> nn.Module:
@@ -76,8 +82,9 @@ def collapsed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in collapse(model).state_dict().items()}
 
 
-def vanilla_model(arch: str, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+def vanilla_model(
+    arch: str, num_classes: int, in_chans: int, img_size: int, model_kwargs: dict | None = None
+) -> nn.Module:
     """A fresh timm model with its own linear classifier, built directly by timm (no mcc code involved)."""
-    return timm.create_model(
-        arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_size_kwargs(arch, img_size)
-    ).eval()
+    kwargs = timm_size_kwargs(arch, img_size) | (model_kwargs or {})
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs).eval()

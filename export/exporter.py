@@ -117,6 +117,7 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
         "num_classes": loaded.num_classes,
         "class_names": list(ckpt["class_names"]),
         "in_chans": loaded.in_chans,
+        "model_kwargs": dict(cfg.get("model_kwargs", {})),
         "input": {"name": INPUT_NAME, "shape": [None, *input_size], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": [None, loaded.num_classes], "dtype": "float32"},
         "preprocess": {
@@ -133,6 +134,7 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
             "num_subcenters": cfg.get("num_subcenters"),
             "center_weight": cfg.get("center_weight"),
             "sigma_scale": cfg.get("sigma_scale"),
+            "sigma_mode": cfg.get("sigma_mode", "absolute"),
             "sampling": cfg.get("sampling"),
         },
         "source": {

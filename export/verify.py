@@ -160,7 +160,7 @@ def verify_bundle(
         )
 
     # 1. weights
-    vanilla = vanilla_model(arch, num_classes, in_chans, input_size[-1])
+    vanilla = vanilla_model(arch, num_classes, in_chans, input_size[-1], meta.get("model_kwargs"))
     state = load_file(bundle / WEIGHTS_FILE)
     try:
         vanilla.load_state_dict(state, strict=True)

@@ -61,8 +61,10 @@ def test_trained_checkpoint_exports_with_real_image_parity(trained_run, tmp_path
         "num_subcenters": 2,
         "center_weight": 0.5,
         "sigma_scale": 0.1,
+        "sigma_mode": "absolute",
         "sampling": "shared",
     }
+    assert meta["model_kwargs"] == {}
     assert meta["source"]["sha256"] == sha256_file(trained_run / "best.pt") and meta["metrics"]["top1"] >= 0
     assert verify_bundle(tmp_path / "b", latency_runs=2).passed  # again, from the files alone
 
@@ -80,6 +82,24 @@ def test_archs_export_as_their_vanilla_model(arch, tmp_path):
     ckpt = make_checkpoint(tmp_path / "mc.pt", arch)
     assert export_checkpoint(ExportConfig(str(ckpt), str(tmp_path / "b"), **FAST)).passed
     check_bundle(tmp_path / "b", arch, 3, 32)
+
+
+def test_relative_sigma_head_with_model_kwargs_exports_as_the_vanilla_model(tmp_path):
+    ckpt = make_checkpoint(
+        tmp_path / "vit.pt", "test_vit", img_size=16, sigma_mode="relative", sigma_scale=0.5,
+        model_kwargs={"patch_size": 4},
+    )  # fmt: skip
+    report = export_checkpoint(ExportConfig(str(ckpt), str(tmp_path / "b"), **FAST))
+    assert report.passed, report.table()
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["model_kwargs"] == {"patch_size": 4} and meta["head"]["sigma_mode"] == "relative"
+    vanilla = timm.create_model("test_vit", num_classes=10, img_size=16, patch_size=4).eval()
+    vanilla.load_state_dict(load_file(tmp_path / "b" / "model.safetensors"), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    out = ort.InferenceSession(str(tmp_path / "b" / "model.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, vanilla(x).numpy(), atol=1e-5, rtol=0)
+    assert verify_bundle(tmp_path / "b", latency_runs=2).passed
 
 
 def test_linear_head_checkpoint_exports(tmp_path):

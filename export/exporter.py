@@ -27,7 +27,7 @@ from .bundle import (
     staged_bundle,
     write_json,
 )
-from .collapse import collapse, collapsed_state_dict, load_trained
+from .collapse import collapse, collapsed_state_dict, load_trained, mc_settings
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .verify import Report, verify_bundle
 
@@ -131,11 +131,7 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
         "head": {
             "type": ckpt["head"],
             "classifier": loaded.classifier,
-            "num_subcenters": cfg.get("num_subcenters"),
-            "center_weight": cfg.get("center_weight"),
-            "sigma_scale": cfg.get("sigma_scale"),
-            "sigma_mode": cfg.get("sigma_mode", "absolute"),
-            "sampling": cfg.get("sampling"),
+            **mc_settings(cfg).head_kwargs(),
         },
         "source": {
             "checkpoint": str(loaded.path.resolve()),

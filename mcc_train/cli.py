@@ -1,6 +1,6 @@
 """mcc-train: parse flags (and an optional YAML file) into one TrainConfig, then train.
 
-Precedence: TrainConfig defaults < the resumed checkpoint's config < --config FILE.yaml < flags.
+Precedence: TrainConfig defaults < the resumed checkpoint's config < --mc-preset < --config FILE.yaml < flags.
 """
 
 from __future__ import annotations

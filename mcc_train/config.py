@@ -13,7 +13,8 @@ from .errors import UsageError
 from .head import MC_DEFAULTS, MC_PRESETS, SAMPLING_MODES, SIGMA_MODES, MCSettings
 
 # timm.create_model arguments that mcc sets itself; --model-kwargs may not name them
-RESERVED_MODEL_KWARGS = {"pretrained", "num_classes", "in_chans", "img_size", "checkpoint_path", "drop_rate"}
+RESERVED_MODEL_KWARGS = {"arch", "head", "mc", "pretrained", "num_classes", "in_chans", "img_size", "checkpoint_path",
+                         "drop_rate"} | set(MCSettings.__dataclass_fields__)  # fmt: skip
 
 
 def _f(default, help: str, **meta):
@@ -99,14 +100,20 @@ class TrainConfig:
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.head in ("mc", "linear"), f"--head must be mc or linear, got {self.head!r}"),
-            (self.sampling in SAMPLING_MODES, f"--sampling must be shared or local, got {self.sampling!r}"),
-            (self.sigma_mode in SIGMA_MODES, f"--sigma-mode must be absolute or relative, got {self.sigma_mode!r}"),
+            (
+                self.sampling in SAMPLING_MODES,
+                f"--sampling must be {' or '.join(SAMPLING_MODES)}, got {self.sampling!r}",
+            ),
+            (
+                self.sigma_mode in SIGMA_MODES,
+                f"--sigma-mode must be {' or '.join(SIGMA_MODES)}, got {self.sigma_mode!r}",
+            ),
             (
                 self.mc_preset is None or self.mc_preset in MC_PRESETS,
                 f"--mc-preset must be one of {', '.join(MC_PRESETS)}, got {self.mc_preset!r}",
             ),
             (
-                not set(self.model_kwargs) & (RESERVED_MODEL_KWARGS | set(MCSettings.__dataclass_fields__)),
+                not set(self.model_kwargs) & RESERVED_MODEL_KWARGS,
                 f"--model-kwargs may not set {', '.join(sorted(set(self.model_kwargs) & RESERVED_MODEL_KWARGS))}"
                 " (mcc sets it; use its own flag)",
             ),
@@ -149,11 +156,11 @@ class TrainConfig:
         return cls(**{k: coerce(fields[k], v) for k, v in values.items()})
 
 
-def preset_values(name: str | None) -> dict:
-    """The MC fields of a named preset (empty for None); UsageError for an unknown name."""
-    if name is None:
+def preset_values(name) -> dict:
+    """The MC fields of a named preset (empty for None or "none"); UsageError for an unknown name."""
+    if name is None or (isinstance(name, str) and name.lower() in ("none", "null")):
         return {}
-    if name not in MC_PRESETS:
+    if not isinstance(name, str) or name not in MC_PRESETS:
         raise UsageError(f"--mc-preset must be one of {', '.join(MC_PRESETS)}, got {name!r}")
     return dataclasses.asdict(MC_PRESETS[name])
 
@@ -193,18 +200,29 @@ def coerce(f: dataclasses.Field, value):
 
 
 def parse_kwargs(value) -> dict:
-    """``{"k": v}`` or ``["k=v", ...]`` (values read as YAML scalars: 4, 0.1, true, text) -> dict."""
+    """``{"k": v}`` or ``["k=v", ...]`` (values read as YAML scalars: 4, 0.1, true, text) -> dict of plain values."""
     if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
-    if not isinstance(value, (list, tuple)):
+        out = {str(k): v for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+        out = {}
+        for item in value:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.isidentifier():
+                raise ValueError
+            out[key] = yaml.safe_load(text) if text else None
+    else:
         raise ValueError
-    out = {}
-    for item in value:
-        key, sep, text = str(item).partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError
-        out[key] = yaml.safe_load(text) if text else None
+    if not all(_plain(v) for v in out.values()):  # checkpoints load with weights_only=True, model.json is JSON
+        raise ValueError
     return out
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -218,7 +236,7 @@ def load_yaml(path: str | Path) -> dict:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
-    return values
+    return {str(k).replace("-", "_"): v for k, v in values.items()}  # keys as the flags spell them, or as fields
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

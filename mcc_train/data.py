@@ -262,3 +262,17 @@ def set_transforms(splits: DataSplits, train_tf, val_tf, in_chans: int) -> None:
     train = splits.train.dataset if isinstance(splits.train, torch.utils.data.Subset) else splits.train
     train.transform, train.mode = train_tf, mode
     splits.val.transform, splits.val.mode = val_tf, mode
+
+
+def cache_in_memory(dataset, max_bytes: int = 512 * 2**20):
+    """The eval set as one tensor when it fits in ``max_bytes``: its transform is deterministic, so every epoch's
+    evaluation would decode and normalise the same images again."""
+    if len(dataset) == 0:  # a rank whose val shard is empty
+        return dataset
+    first = dataset[0][0]
+    if len(dataset) * first.numel() * first.element_size() > max_bytes:
+        return dataset
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([image for image, _ in items])  # (N, C, H, W)
+    labels = torch.tensor([label for _, label in items])  # (N,)
+    return torch.utils.data.TensorDataset(images, labels)

@@ -120,13 +120,13 @@ class MultiCenterHead(nn.Module):
 
         For one sample, ``x . w_c^(k) = x . w_c + sum_j x_j std_cj eps_ckj ~ N(x . w_c, sum_j x_j^2 std_cj^2)``.
         """
-        return F.linear(x.square(), self.std().square()).clamp_min(0).sqrt()
+        return F.linear(x.square(), self.std().square()).clamp_min(1e-12).sqrt()  # > 0: a finite gradient at x = 0
 
     def offset_ratio(self) -> torch.Tensor:
-        """Expected sub-center offset norm over mean-center norm, per class: ``||std_c|| / ||w_c||``, (C,).
+        """RMS sub-center offset norm over mean-center norm, per class: ``||std_c|| / ||w_c||``, (C,).
 
-        ``E ||std_c * eps||^2 = ||std_c||^2``; a ratio of 1 means a sub-center is as far from its mean as the mean
-        is from the origin.
+        ``E ||std_c * eps||^2 = ||std_c||^2``; a ratio of 1 means a sub-center is typically as far from its mean as
+        the mean is from the origin.
         """
         return self.std().norm(dim=1) / self.weight.norm(dim=1).clamp_min(1e-12)
 

@@ -81,8 +81,11 @@ def create_model(
     timm_kwargs = timm_size_kwargs(arch, img_size) | timm_kwargs
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
-    except TypeError as e:  # an argument the model's constructor does not take
-        raise UsageError(f"{arch}: {e}; check --model-kwargs") from None
+    except Exception as e:  # an argument the model does not take, a value or input size it rejects
+        raise UsageError(
+            f"{arch}: cannot build it with {timm_kwargs or 'its defaults'} ({type(e).__name__}: {e}); "
+            "check --img-size and --model-kwargs"
+        ) from None
     path = classifier_path(model)
     if checkpoint_path is not None:
         load_backbone(model, checkpoint_path, path)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import TrainConfig, save_yaml
-from .data import ArrayDataset, build_data_config, build_transforms, load_data, set_transforms
+from .data import ArrayDataset, build_data_config, build_transforms, cache_in_memory, load_data, set_transforms
 from .errors import UsageError
 from .head import MultiCenterHead, MultiCenterLoss
 from .model import create_model, get_mc_head
@@ -156,7 +156,21 @@ def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None) ->
     model.eval()
     features = []
     hook = head.register_forward_hook(lambda m, args, out: features.append(args[0])) if head is not None else None
-    sums = torch.zeros(6, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count, margin, spread
+    try:
+        sums = eval_sums(model, loader, rt, head, features)
+    finally:
+        if hook is not None:
+            hook.remove()
+    loss, top1, top5, n, margin, spread = all_reduce_sum(sums, rt).tolist()
+    metrics = {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "logit_margin": margin / n}
+    if head is not None:
+        metrics["logit_spread"] = spread / n
+    return metrics
+
+
+def eval_sums(model, loader, rt: Runtime, head: MultiCenterHead | None, features: list) -> torch.Tensor:
+    """Sums over this rank's val shard: loss, top-1 and top-5 hits, count, logit margin, sub-center spread."""
+    sums = torch.zeros(6, dtype=torch.float64, device=rt.device)
     for images, target in loader:
         images = images.to(rt.device, non_blocking=True)
         target = target.to(rt.device, non_blocking=True)
@@ -167,7 +181,7 @@ def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None) ->
         top1, top5 = top_k_correct(logits, target)
         true = logits.gather(1, target[:, None]).squeeze(1)  # (B,)
         other = logits.scatter(1, target[:, None], float("-inf")).amax(1)  # (B,)
-        spread = head.logit_std(features.pop().float()).gather(1, target[:, None]).sum() if hook else 0.0
+        spread = head.logit_std(features.pop().float()).gather(1, target[:, None]).sum() if head is not None else 0.0
         sums += torch.stack(
             [
                 F.cross_entropy(logits, target, reduction="sum"),
@@ -178,13 +192,7 @@ def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None) ->
                 torch.as_tensor(spread, device=rt.device),
             ]
         ).double()
-    if hook is not None:
-        hook.remove()
-    loss, top1, top5, n, margin, spread = all_reduce_sum(sums, rt).tolist()
-    metrics = {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "logit_margin": margin / n}
-    if head is not None:
-        metrics["logit_spread"] = spread / n
-    return metrics
+    return sums
 
 
 def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
@@ -217,18 +225,6 @@ def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
             "per rank; lower it"
         )
     return train, train_sampler, val
-
-
-def cache_in_memory(dataset, max_bytes: int = 512 * 2**20):
-    """The eval set as one tensor when it fits in ``max_bytes``: its transform is deterministic, so every epoch's
-    evaluation would decode and normalise the same images again."""
-    first = dataset[0][0]
-    if len(dataset) * first.numel() * first.element_size() > max_bytes:
-        return dataset
-    items = [dataset[i] for i in range(len(dataset))]
-    images = torch.stack([image for image, _ in items])  # (N, C, H, W)
-    labels = torch.tensor([label for _, label in items])  # (N,)
-    return torch.utils.data.TensorDataset(images, labels)
 
 
 def prepare_out_dir(cfg: TrainConfig) -> Path:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,3 +27,28 @@ def test_margin_and_sub_center_spread_by_hand():
     assert not head.training and not head._forward_hooks  # eval mode, and the hook is gone
     linear = evaluate(nn.Sequential(nn.Identity(), head.to_linear()), loader, Runtime(torch.device("cpu")))
     assert linear["logit_margin"] == 1.5 and "logit_spread" not in linear
+
+
+def test_the_feature_hook_is_removed_when_evaluation_fails():
+    head = MultiCenterHead(2, 2)
+    model = nn.Sequential(nn.Identity(), head)
+
+    def broken_loader():
+        yield torch.randn(3, 2), torch.tensor([0, 1, 0])
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        evaluate(model, broken_loader(), Runtime(torch.device("cpu")), head)
+    assert not head._forward_hooks
+
+
+def test_eval_set_cache_keeps_an_empty_shard_and_matches_the_dataset():
+    from torch.utils.data import Subset, TensorDataset
+
+    from mcc_train.data import cache_in_memory
+
+    data = TensorDataset(torch.randn(5, 1, 4, 4), torch.arange(5))
+    assert len(cache_in_memory(Subset(data, []))) == 0
+    cached = cache_in_memory(Subset(data, [4, 1]))
+    assert torch.equal(cached.tensors[0], data.tensors[0][[4, 1]]) and cached.tensors[1].tolist() == [4, 1]
+    assert cache_in_memory(data, max_bytes=10) is data  # too large: left as it is

@@ -23,6 +23,10 @@ class QueueFullError(Exception):
     """More images are waiting than ``max_queue``; the caller should retry later (429)."""
 
 
+class TooManyImagesError(Exception):
+    """One request holds more images than ``max_queue``: it can never fit, so a retry cannot help (413)."""
+
+
 @dataclass
 class _Item:
     x: np.ndarray  # (n, C, H, W)
@@ -64,9 +68,12 @@ class DynamicBatcher:
         """Queue (n, C, H, W) images; returns their (n, num_classes) outputs, in order.
 
         Raises:
-            QueueFullError: the queue holds max_queue images already.
+            TooManyImagesError: ``x`` alone holds more than max_queue images.
+            QueueFullError: the queue has no room for ``x`` now.
             TimeoutError: no answer within ``timeout`` seconds (what has not run yet never will).
         """
+        if len(x) > self.max_queue:
+            raise TooManyImagesError(f"{len(x)} images in one request; the queue holds at most {self.max_queue}")
         if self.queued_images + len(x) > self.max_queue:
             raise QueueFullError(f"{self.queued_images} images queued (limit {self.max_queue})")
         loop = asyncio.get_running_loop()

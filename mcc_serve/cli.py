@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             os.environ[f"MCC_{name.upper()}"] = str(value)
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    # mcc_serve's own lines (ready, client gone, unhandled errors) through uvicorn's handler, at its level
+    level = settings.log_level.upper().replace("TRACE", "DEBUG")
+    log_config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "mcc_serve": {
+        "handlers": ["default"], "level": level, "propagate": False}}}  # fmt: skip
 
     metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level,
+            log_config=log_config,
             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         )
     finally:

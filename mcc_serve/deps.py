@@ -5,14 +5,18 @@ NOTE: every dependency is ``async def``: FastAPI runs a sync one in its threadpo
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
-from .batcher import DynamicBatcher, QueueFullError
+from .batcher import DynamicBatcher, QueueFullError, TooManyImagesError
 from .engine import Engine
 from .metrics import Metrics
 from .preprocess import Preprocessor
@@ -68,7 +72,37 @@ async def infer(resources: Resources, x: np.ndarray) -> np.ndarray:
     """(N, C, H, W) -> (N, num_classes) logits through the dynamic batcher, with the request deadline."""
     try:
         return await resources.batcher.submit(x, resources.settings.request_timeout_s)
+    except TooManyImagesError as e:
+        raise HTTPException(413, f"{e}; send fewer images per request") from None
     except QueueFullError as e:
         raise HTTPException(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from None
     except TimeoutError:
         raise HTTPException(504, f"no answer within {resources.settings.request_timeout_s:g}s") from None
+
+
+LOOP_JSON_BYTES = 64 * 1024  # parse larger JSON bodies in a worker thread: the event loop keeps serving
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def load_json(body: bytes, model: type[Model]) -> Model:
+    """Parse and validate a JSON body, a large one off the event loop.
+
+    Raises:
+        HTTPException: 400 for a body that is not JSON Python can read (syntax, nesting depth, huge integers).
+        pydantic.ValidationError: JSON that does not fit ``model``; the caller words it.
+    """
+    if len(body) > LOOP_JSON_BYTES:
+        return await run_in_threadpool(_load_json, body, model)
+    return _load_json(body, model)
+
+
+def _load_json(body: bytes, model: type[Model]) -> Model:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPException(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise HTTPException(400, "body is not valid JSON: nested too deeply") from None
+    except ValueError:  # an integer literal longer than Python's digit limit
+        raise HTTPException(400, "body is not valid JSON: a number literal is too long") from None
+    return model.model_validate(data)

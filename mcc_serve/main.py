@@ -9,18 +9,20 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .batcher import DynamicBatcher
 from .deps import Resources, require_api_key
 from .engine import Engine
 from .metrics import Metrics
-from .middleware import LimitsAndMetrics, json_error
+from .middleware import LimitsAndMetrics, client_disconnected, json_error
 from .preprocess import Preprocessor
 from .routes import predict, v2
 from .settings import ServeSettings
@@ -77,8 +79,22 @@ class ServeApp:
         if scope["type"] == "http" and scope["path"] == "/v1/predict":
             scope["app"] = self.api
             await self.predict(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "HEAD":
+            await self.api({**scope, "method": "GET"}, receive, without_body(send))  # health checks use HEAD
         else:
             await self.api(scope, receive, send)
+
+
+def without_body(send):
+    """An ASGI send that passes the status and headers of a GET response on, and none of its body (HEAD)."""
+
+    async def head_send(message) -> None:
+        if message["type"] != "http.response.body":
+            await send(message)
+        elif not message.get("more_body", False):
+            await send({"type": "http.response.body", "body": b""})
+
+    return head_send
 
 
 def create_app(settings: ServeSettings | None = None) -> ServeApp:
@@ -88,6 +104,7 @@ def create_app(settings: ServeSettings | None = None) -> ServeApp:
         version=__version__,
         description="Image classification with an ONNX model exported by mcc-export, batched dynamically.",
         lifespan=lifespan,
+        redirect_slashes=False,  # a redirect would echo the request's Host header into Location; 404 instead
     )
     app.state.settings = settings
     app.add_middleware(LimitsAndMetrics, settings=settings)
@@ -100,9 +117,13 @@ def create_app(settings: ServeSettings | None = None) -> ServeApp:
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.resources.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
+    async def http_error(request: Request, exc: StarletteHTTPException):
         return json_error(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        return client_disconnected(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from .metrics import Metrics
 from .settings import ServeSettings
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer: counted apart from 5xx
+_logger = logging.getLogger("mcc_serve")
 
 
 class BodyTooLargeError(Exception):
@@ -63,3 +67,9 @@ class LimitsAndMetrics:
 
 def json_error(message: str, status: int, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def client_disconnected(path: str) -> Response:
+    """What a request whose client went away mid-body gets: one log line, and 499 in the metrics (nobody reads it)."""
+    _logger.info("%s: the client disconnected before sending its whole request", path)
+    return Response(status_code=CLIENT_CLOSED)

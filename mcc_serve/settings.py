@@ -26,7 +26,7 @@ class ServeSettings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")
     warmup_runs: int = Field(3, ge=0, description="model runs before readiness turns true")
     api_key: SecretStr | None = Field(None, description="bearer token required on all but health endpoints")
-    log_level: str = Field("info", description="uvicorn log level")
+    log_level: str = Field("info", description="log level: critical | error | warning | info | debug | trace")
 
     @field_validator("device")
     @classmethod
@@ -34,3 +34,10 @@ class ServeSettings(BaseSettings):
         if v not in ("auto", "cpu", "cuda"):
             raise ValueError("must be auto, cpu or cuda")
         return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("must be critical, error, warning, info, debug or trace")
+        return v.lower()

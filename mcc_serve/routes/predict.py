@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from http import HTTPStatus
 
@@ -19,12 +18,12 @@ from fastapi import HTTPException
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from ..deps import Resources, check_api_key, check_ready, infer
+from ..deps import Resources, check_api_key, check_ready, infer, load_json
 from ..engine import softmax
-from ..middleware import BodyTooLargeError, json_error
+from ..middleware import BodyTooLargeError, client_disconnected, json_error
 from ..multipart import MultipartError, read_files
 from ..preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
@@ -47,7 +46,7 @@ def parse_top_k(raw: str | None, num_classes: int) -> int:
     return top_k
 
 
-def read_images(content_type: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+async def read_images(content_type: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of every image in the request body, in order."""
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
@@ -57,9 +56,7 @@ def read_images(content_type: str, body: bytes, max_images: int) -> list[tuple[s
             raise HTTPException(e.status, str(e)) from None
     elif media_type == "application/json":
         try:
-            images = PredictJSON.model_validate(json.loads(body)).images
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPException(400, "body is not valid JSON") from None
+            images = (await load_json(body, PredictJSON)).images
         except ValidationError as e:
             raise HTTPException(400, f'expected {{"images": [base64, ...]}}: {e.errors()[0]["msg"]}') from None
         files = []
@@ -90,6 +87,8 @@ async def endpoint(scope, receive, send) -> None:
         response = json_error(str(e.detail), e.status_code, e.headers)
     except BodyTooLargeError:
         raise  # LimitsAndMetrics answers it
+    except ClientDisconnect:
+        response = client_disconnected(scope["path"])
     except Exception:
         _logger.exception("unhandled error on /v1/predict")
         response = json_error("internal server error", 500)
@@ -103,7 +102,7 @@ async def predict(request: Request) -> JSONResponse:
     names = resources.engine.meta["class_names"]
     top_k = parse_top_k(request.query_params.get("top_k"), len(names))
     body = await request.body()  # capped at max_body_bytes by the LimitsAndMetrics middleware
-    files = read_images(request.headers.get("content-type", ""), body, resources.settings.max_images_per_request)
+    files = await read_images(request.headers.get("content-type", ""), body, resources.settings.max_images_per_request)
     try:
         images = [resources.preprocess.decode_header(data, name) for name, data in files]
         if sum(img.width * img.height for img in images) <= INLINE_PIXELS:

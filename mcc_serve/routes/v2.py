@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from .. import __version__
-from ..deps import Resources, get_resources, infer, require_api_key, require_ready
+from ..deps import Resources, get_resources, infer, load_json, require_api_key, require_ready
 from ..schemas import ErrorResponse, InferRequest, InferResponse, ModelMetadata, ModelReady, ServerMetadata
 
 health = APIRouter(prefix="/v2/health", tags=["health"])
@@ -99,9 +97,7 @@ INFER_BODY = {"content": {"application/json": {"schema": InferRequest.model_json
 async def model_infer(name: str, request: Request, resources: Resources = Depends(require_ready)) -> InferResponse:
     model_or_404(name, resources)
     try:
-        req = InferRequest.model_validate(json.loads(await request.body()))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HTTPException(400, "body is not valid JSON") from None
+        req = await load_json(await request.body(), InferRequest)
     except ValidationError as e:
         err = e.errors()[0]
         raise HTTPException(400, f"invalid inference request: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -247,3 +247,51 @@ def test_not_ready_until_the_warm_up_is_done(bundle, digit_pngs, monkeypatch):
         while c.get("/v2/health/ready").status_code != 200 and time.time() < deadline:
             time.sleep(0.02)
         assert c.post("/v1/predict", files=files).status_code == 200
+
+
+def test_router_errors_head_and_trailing_slashes_answer_like_every_other_route(client):
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and set(r.json()) == {"error"}
+    r = client.post("/v2/health/live")
+    assert r.status_code == 405 and set(r.json()) == {"error"} and r.headers["allow"] == "GET"
+    r = client.get("/v2/health/live/", follow_redirects=False, headers={"host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers and set(r.json()) == {"error"}
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/v2/models/resnet10t/ready"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert client.head("/v1/predict").status_code == 405
+    assert client.get("/v2/health/ready").status_code == 200  # still ready
+
+
+def test_more_images_than_the_queue_holds_is_413_not_429(bundle, digit_pngs):
+    c = client_for(bundle, max_queue=2)
+    try:
+        files = [("files", (f"{i}.png", digit_pngs[0][i], "image/png")) for i in range(3)]
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 413 and "queue holds at most 2" in r.json()["error"] and "retry-after" not in r.headers
+        assert c.post("/v1/predict", files=files[:2]).status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_json_python_cannot_read_is_400_on_both_apis(client):
+    huge_int = b'{"images": [' + b"1" * 5000 + b"]}"
+    deep = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    v2_huge = b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [' + b"9" * 5000 + b"]}]}"
+    headers = {"content-type": "application/json"}
+    for path, body in [("/v1/predict", huge_int), ("/v1/predict", deep), ("/v2/models/resnet10t/infer", v2_huge),
+                       ("/v2/models/resnet10t/infer", deep)]:  # fmt: skip
+        r = client.post(path, content=body, headers=headers)
+        assert r.status_code == 400 and r.json()["error"].startswith("body is not valid JSON"), (path, r.text)
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_a_large_json_body_is_parsed_off_the_event_loop_and_answered(client, bundle):
+    x = np.random.default_rng(2).standard_normal((32, 1, 16, 16)).astype(np.float32)  # ~160 KB of JSON
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    r = client.post("/v2/models/resnet10t/infer", json=body)
+    assert r.status_code == 200 and len(r.content) > 0
+    expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
+    got = np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

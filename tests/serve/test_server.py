@@ -175,3 +175,25 @@ def test_help_lists_every_option():
         if name not in ("bundle", "api_key"):
             assert "--" + name.replace("_", "-") in proc.stdout
     assert "MCC_API_KEY" in proc.stdout
+
+
+def test_a_client_that_disconnects_mid_body_is_a_499_and_one_log_line(bundle, digit_pngs):
+    import socket
+
+    srv = Server(bundle, "--log-level", "info")
+    try:
+        for path in ("/v1/predict", "/v2/models/resnet10t/infer"):
+            with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             "Content-Length: 100000\r\n\r\n{\"images\": [".encode())  # fmt: skip
+                time.sleep(0.3)
+        time.sleep(0.5)
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'mcc_requests_total{endpoint="/v1/predict",status="499"} 1.0' in metrics
+        assert 'mcc_requests_total{endpoint="/v2/models/{name}/infer",status="499"} 1.0' in metrics
+        assert 'status="500"' not in metrics
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+    finally:
+        srv.stop()
+    log = srv.proc.stdout.read()
+    assert "Traceback" not in log and log.count("disconnected before sending its whole request") == 2

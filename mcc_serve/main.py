@@ -148,7 +148,8 @@ def with_predict_docs(app: FastAPI) -> Callable[[], dict]:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             operation, components = predict.openapi_operation()
             schema["paths"] = {"/v1/predict": {"post": operation}, **schema["paths"]}
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update({**components, **v2.openapi_components()})
             app.openapi_schema = schema
         return app.openapi_schema
 

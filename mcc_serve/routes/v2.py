@@ -6,6 +6,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 
 from .. import __version__
 from ..deps import Resources, get_resources, infer, load_json, require_api_key, require_ready
@@ -84,7 +85,16 @@ def input_tensor(req: InferRequest, resources: Resources) -> np.ndarray:
     return x.reshape(tensor.shape)
 
 
-INFER_BODY = {"content": {"application/json": {"schema": InferRequest.model_json_schema()}}, "required": True}
+INFER_BODY = {
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
+    "required": True,
+}
+
+
+def openapi_components() -> dict:
+    """The component schemas INFER_BODY refers to (the route reads its raw body, so FastAPI adds none)."""
+    _, top = models_json_schema([(InferRequest, "validation")], ref_template="#/components/schemas/{model}")
+    return top["$defs"]
 
 
 @router.post(

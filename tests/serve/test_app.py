@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
+from openapi_spec_validator import validate
 from PIL import Image
 
 from mcc_serve.main import create_app
@@ -157,8 +158,12 @@ def test_metrics_and_docs(client, digit_pngs):
         assert f"mcc_requests_total{{{label}}}" in text
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
-    refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema))
-    assert refs and set(refs) <= set(schema["components"]["schemas"])  # every reference resolves
+    validate(schema)  # a real OpenAPI validator: every $ref resolves, the document is valid OpenAPI 3.1
+    refs = re.findall(r'"\$ref": "([^"]+)"', json.dumps(schema))
+    assert refs and all(r.startswith("#/components/schemas/") for r in refs)
+    assert {r.rsplit("/", 1)[1] for r in refs} <= set(schema["components"]["schemas"])
+    infer = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]
+    assert infer["schema"] == {"$ref": "#/components/schemas/InferRequest"}
     paths = schema["paths"]
     assert "/v2/models/{name}/infer" in paths
     predict = paths["/v1/predict"]["post"]  # a plain Starlette route, documented by hand

@@ -36,7 +36,7 @@ def test_eval_logits_equal_nn_linear_bit_for_bit(sigma_mode):
 
 
 def test_sample_centers_are_interleaved_mean_then_subcenters():
-    head = make_head(C=3, d=4, K=2)
+    head = make_head(C=3, d=4, K=2, sigma_scale=0.1)
     eps = torch.randn(3, 2, 4)
     centers = head.sample_centers(eps)
     assert centers.shape == (3 * 3, 4)

@@ -8,14 +8,14 @@ Shapes: B batch, d features, C classes, K sub-centers per class.
 
 Defaults (``MC_DEFAULTS``): the paper's settings (K=2, center weight 0.5, shared draw, L_sigma weight 1) with
 ``sigma_scale`` 0.03 instead of 0.1; ``MC_PRESETS["paper"]`` (``--mc-preset paper``) keeps the paper's exact
-settings. Why (``benchmarks/accuracy.py``, docs/RESULTS.md, Fashion-MNIST, a CNN and a ViT, each with all data
-and with 10% of it, 5 seeds paired against the linear head): the paper's std 0.1 is absolute, so its effect
-depends on the classifier's weight scale; its sub-centers sit 0.8 (CNN) to 3.8 (data-poor ViT, early) mean-center
-norms away, and it costs 0.54 [0.31, 0.77] points on the CNN and 4.0 [3.0, 5.0] and 5.3 [3.6, 7.0] on the ViT.
-Std 0.03 keeps the offset near 0.3-0.4 of the center's norm and is not worse than linear in any cell (paired
-differences +0.03, +0.23, -0.37, -0.27 points; no interval below zero). No setting showed a gain that survives
-fresh seeds. ``sigma_mode="relative"`` ties the offset to the weight scale directly; at 0.25-0.5 it was level
-with linear too, not better than absolute 0.03.
+settings. Why (``benchmarks/accuracy.py``, docs/RESULTS.md: Fashion-MNIST, a CNN and a ViT, each with all data and
+with 10% of it, 5 seeds paired against the linear head): the paper's std 0.1 is absolute, so its effect depends
+on the classifier's weight scale. At initialisation its sub-centers sit 1.7 (CNN) and 5.1 (ViT) mean-center norms
+away, and it costs 0.54 [0.31, 0.77] points on the CNN and 4.0 [3.0, 5.0] and 5.3 [3.6, 7.0] on the ViT. Std
+0.03 ends training with offsets of 0.3-0.4 center norms and is not worse than linear in any cell (paired
+differences +0.03, +0.23, -0.37, -0.27 points); no setting showed a gain that holds on fresh seeds.
+``sigma_mode="relative"`` ties the offset to the weight scale directly: level with linear at 0.25-0.5, not better
+than absolute 0.03.
 """
 
 from __future__ import annotations

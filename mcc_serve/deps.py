@@ -106,3 +106,12 @@ def _load_json(body: bytes, model: type[Model]) -> Model:
     except ValueError:  # an integer literal longer than Python's digit limit
         raise HTTPException(400, "body is not valid JSON: a number literal is too long") from None
     return model.model_validate(data)
+
+
+def check_image_count(n: int, settings: ServeSettings) -> None:
+    """413 for a request with more images than one request may carry or than the queue can ever hold (before any
+    image is decoded: a retry could never succeed)."""
+    if n > settings.max_images_per_request:
+        raise HTTPException(413, f"{n} images in one request; the limit is {settings.max_images_per_request}")
+    if n > settings.max_queue:
+        raise HTTPException(413, f"{n} images in one request; the queue holds at most {settings.max_queue}")

@@ -16,7 +16,7 @@ class ServeSettings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session")
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model run")
     max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="wait after a batch's first request")
-    max_queue: int = Field(256, ge=1, description="queued images before 429")
+    max_queue: int = Field(256, ge=1, description="queued images before 429 (a request larger than this: 413)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body before 413")
     max_image_pixels: int = Field(40_000_000, ge=64, description="largest decoded image (w*h) before 413")

@@ -21,12 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from ..deps import Resources, check_api_key, check_ready, infer, load_json
+from ..deps import Resources, check_api_key, check_image_count, check_ready, infer, load_json
 from ..engine import softmax
 from ..middleware import BodyTooLargeError, client_disconnected, json_error
 from ..multipart import MultipartError, read_files
 from ..preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
+from ..settings import ServeSettings
 
 INLINE_PIXELS = 256 * 256  # decode this many pixels on the event loop; more goes to a worker thread
 DEFAULT_TOP_K = 5
@@ -46,12 +47,12 @@ def parse_top_k(raw: str | None, num_classes: int) -> int:
     return top_k
 
 
-async def read_images(content_type: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+async def read_images(content_type: str, body: bytes, settings: ServeSettings) -> list[tuple[str, bytes]]:
     """(name, bytes) of every image in the request body, in order."""
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         try:
-            files = read_files(body, content_type, max_images)
+            files = read_files(body, content_type, settings.max_images_per_request)
         except MultipartError as e:
             raise HTTPException(e.status, str(e)) from None
     elif media_type == "application/json":
@@ -71,8 +72,7 @@ async def read_images(content_type: str, body: bytes, max_images: int) -> list[t
         )
     if not files:
         raise HTTPException(400, 'no images: send multipart files or JSON {"images": [base64, ...]}')
-    if len(files) > max_images:
-        raise HTTPException(413, f"{len(files)} images in one request; the limit is {max_images}")
+    check_image_count(len(files), settings)
     return files
 
 
@@ -102,7 +102,7 @@ async def predict(request: Request) -> JSONResponse:
     names = resources.engine.meta["class_names"]
     top_k = parse_top_k(request.query_params.get("top_k"), len(names))
     body = await request.body()  # capped at max_body_bytes by the LimitsAndMetrics middleware
-    files = await read_images(request.headers.get("content-type", ""), body, resources.settings.max_images_per_request)
+    files = await read_images(request.headers.get("content-type", ""), body, resources.settings)
     try:
         images = [resources.preprocess.decode_header(data, name) for name, data in files]
         if sum(img.width * img.height for img in images) <= INLINE_PIXELS:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
-from ..deps import Resources, get_resources, infer, load_json, require_api_key, require_ready
+from ..deps import Resources, check_image_count, get_resources, infer, load_json, require_api_key, require_ready
 from ..schemas import ErrorResponse, InferRequest, InferResponse, ModelMetadata, ModelReady, ServerMetadata
 
 health = APIRouter(prefix="/v2/health", tags=["health"])
@@ -69,6 +69,7 @@ def input_tensor(req: InferRequest, resources: Resources) -> np.ndarray:
         raise HTTPException(400, "binary tensor data is not supported; send JSON data (binary_data=False)")
     if len(tensor.shape) != 4 or tensor.shape[1:] != chw or tensor.shape[0] < 1:
         raise HTTPException(400, f"input shape {tensor.shape} does not match [N, {', '.join(map(str, chw))}]")
+    check_image_count(tensor.shape[0], resources.settings)  # before the data is converted
     try:
         x = np.asarray(tensor.data, dtype=np.float32)
     except (ValueError, TypeError):
@@ -78,10 +79,6 @@ def input_tensor(req: InferRequest, resources: Resources) -> np.ndarray:
         raise HTTPException(400, f"input data has {x.size} values; shape {tensor.shape} needs {need}")
     if not np.isfinite(x).all():
         raise HTTPException(400, "input data holds NaN or infinity")
-    if req.inputs[0].shape[0] > resources.settings.max_images_per_request:
-        raise HTTPException(
-            413, f"batch of {tensor.shape[0]}; the limit is {resources.settings.max_images_per_request}"
-        )
     return x.reshape(tensor.shape)
 
 

@@ -276,6 +276,10 @@ def test_more_images_than_the_queue_holds_is_413_not_429(bundle, digit_pngs):
         r = c.post("/v1/predict", files=files)
         assert r.status_code == 413 and "queue holds at most 2" in r.json()["error"] and "retry-after" not in r.headers
         assert c.post("/v1/predict", files=files[:2]).status_code == 200
+        # v2: refused from the declared shape, before the data is even read as numbers
+        body = {"inputs": [{"name": "input", "shape": [3, 1, 16, 16], "datatype": "FP32", "data": ["not numbers"]}]}
+        r = c.post("/v2/models/resnet10t/infer", json=body)
+        assert r.status_code == 413 and "queue holds at most 2" in r.json()["error"]
     finally:
         c.__exit__(None, None, None)
 

@@ -24,6 +24,9 @@ INTERPOLATION = {
 }
 
 
+RESIZE_BUDGET_PIXELS = 1 << 24  # a resize to more pixels than this resizes only the region the crop keeps
+
+
 class ImageError(ValueError):
     """An input that is not a usable image; ``status`` is the HTTP status it maps to."""
 
@@ -94,17 +97,32 @@ class Preprocessor:
                 f"{name} is a corrupt or truncated {img.format or ''} image ({e})".replace("  ", " ")
             ) from None
 
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) timm's eval transform resizes a w x h image to, before its center crop."""
+        scale = math.floor(self.size / self.crop_pct)
+        if self.crop_mode == "squash":
+            return scale, scale
+        return (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+
+    def work_pixels(self, img: Image.Image) -> int:
+        """Pixels that decoding and resizing ``img`` touch: the measure of its CPU cost (from the header alone)."""
+        new_w, new_h = self.resized_size(*img.size)
+        resized = new_w * new_h if new_w * new_h <= RESIZE_BUDGET_PIXELS else self.size * self.size
+        return img.width * img.height + resized
+
     def __call__(self, img: Image.Image) -> np.ndarray:
         """A decoded image -> float32 (C, H, W), exactly as timm's eval transform."""
-        scale = math.floor(self.size / self.crop_pct)
         w, h = img.size
-        if self.crop_mode == "squash":
-            new_w, new_h = scale, scale
-        elif w <= h:
-            new_w, new_h = scale, int(scale * h / w)
-        else:
-            new_w, new_h = int(scale * w / h), scale
-        if (new_w, new_h) != (w, h):
+        new_w, new_h = self.resized_size(w, h)
+        if new_w * new_h > RESIZE_BUDGET_PIXELS:
+            # An extreme aspect ratio (a 1 x 300,000 strip, resized to 256 px wide, is 77M pixels long): resize
+            # only the region the center crop keeps. The same sampling positions; Pillow rounds the two passes of
+            # a box resize a little differently, so a pixel can move by a few grey levels (tested).
+            left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+            img = img.resize((self.size, self.size), INTERPOLATION[self.interpolation], box=box)
+        elif (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), INTERPOLATION[self.interpolation])
         img = _center_crop(img, self.size)
         x = np.asarray(img, dtype=np.uint8)

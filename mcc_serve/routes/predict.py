@@ -29,7 +29,7 @@ from ..preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
 from ..settings import ServeSettings
 
-INLINE_PIXELS = 256 * 256  # decode this many pixels on the event loop; more goes to a worker thread
+INLINE_PIXELS = 256 * 256  # decode and resize this many pixels on the event loop; more goes to a worker thread
 DEFAULT_TOP_K = 5
 ERROR_CODES = (400, 401, 405, 413, 415, 422, 429, 503, 504)
 _logger = logging.getLogger("mcc_serve")
@@ -105,7 +105,7 @@ async def predict(request: Request) -> JSONResponse:
     files = await read_images(request.headers.get("content-type", ""), body, resources.settings)
     try:
         images = [resources.preprocess.decode_header(data, name) for name, data in files]
-        if sum(img.width * img.height for img in images) <= INLINE_PIXELS:
+        if sum(resources.preprocess.work_pixels(img) for img in images) <= INLINE_PIXELS:
             x = resources.preprocess.load_many(images)  # (N, C, H, W); small: cheaper than a thread hop
         else:
             x = await run_in_threadpool(resources.preprocess.load_many, images)

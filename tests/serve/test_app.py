@@ -304,3 +304,12 @@ def test_a_large_json_body_is_parsed_off_the_event_loop_and_answered(client, bun
     expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
     got = np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_an_aspect_ratio_bomb_is_answered_like_any_image(client):
+    strip = (np.arange(300_000) % 251).astype(np.uint8)[None]  # 1 x 300,000: 16 px high would be 4.8M px long
+    for array in (strip, strip.T):
+        Image.fromarray(array).save(buf := io.BytesIO(), format="PNG")
+        r = client.post("/v1/predict", files=[("files", ("strip.png", buf.getvalue(), "image/png"))])
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    assert client.get("/v2/health/ready").status_code == 200

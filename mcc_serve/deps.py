@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +36,7 @@ class Resources:
     metrics: Metrics
     model_name: str
     ready: bool = False
+    preprocess_pool: ThreadPoolExecutor | None = None  # large images are preprocessed here, a bounded few at once
 
 
 async def get_resources(request: Request) -> Resources:
@@ -68,10 +71,14 @@ def check_ready(resources: Resources) -> None:
         raise HTTPException(503, "the model is warming up; retry shortly", headers={"Retry-After": "1"})
 
 
-async def infer(resources: Resources, x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> (N, num_classes) logits through the dynamic batcher, with the request deadline."""
+async def infer(resources: Resources, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    """(N, C, H, W) -> (N, num_classes) logits through the dynamic batcher, by the request deadline
+    (``time.monotonic()`` seconds; default: --request-timeout-s from now)."""
+    timeout = resources.settings.request_timeout_s if deadline is None else deadline - time.monotonic()
     try:
-        return await resources.batcher.submit(x, resources.settings.request_timeout_s)
+        if timeout <= 0:
+            raise TimeoutError
+        return await resources.batcher.submit(x, timeout)
     except TooManyImagesError as e:
         raise HTTPException(413, f"{e}; send fewer images per request") from None
     except QueueFullError as e:

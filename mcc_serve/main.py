@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -41,6 +42,7 @@ async def lifespan(app: FastAPI):
     resources = Resources(
         settings, engine, Preprocessor.from_model_json(engine.meta, settings.max_image_pixels), batcher, metrics,
         settings.model_name or engine.meta.get("arch", Path(settings.bundle).name),
+        preprocess_pool=ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="mcc-preprocess"),
     )  # fmt: skip
     app.state.resources = resources
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's full collections,
@@ -58,6 +60,7 @@ async def lifespan(app: FastAPI):
     yield
     warm.cancel()
     await batcher.stop()  # uvicorn has stopped accepting and let in-flight requests finish; drain the queue
+    resources.preprocess_pool.shutdown(wait=True)
     metrics.close()
     gc.unfreeze()
 

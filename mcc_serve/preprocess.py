@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,9 +136,21 @@ class Preprocessor:
         """Encoded image bytes -> float32 (C, H, W)."""
         return self(self.decode(self.decode_header(data, name)))
 
-    def load_many(self, images: list[Image.Image]) -> np.ndarray:
-        """Lazily opened images -> float32 (N, C, H, W)."""
-        return np.stack([self(self.decode(img)) for img in images])
+    def load_many(self, images: list[Image.Image], deadline: float | None = None) -> np.ndarray:
+        """Lazily opened images -> float32 (N, C, H, W), one image in memory at a time.
+
+        Raises:
+            TimeoutError: ``time.monotonic()`` passed ``deadline`` before the last image was done.
+        """
+        out = np.empty((len(images), self.in_chans, self.size, self.size), np.float32)  # (N, C, H, W)
+        for i, img in enumerate(images):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"preprocessing passed the request deadline after {i} of {len(images)} images")
+            try:
+                out[i] = self(self.decode(img))
+            finally:
+                img.close()  # its decoded pixels go now, not when the whole request is done
+        return out
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -21,6 +21,9 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body before 413")
     max_image_pixels: int = Field(40_000_000, ge=64, description="largest decoded image (w*h) before 413")
     max_images_per_request: int = Field(64, ge=1, description="images per request before 413")
+    preprocess_threads: int = Field(
+        2, ge=1, le=64, description="threads that decode and resize large images; bounds their memory (README)"
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")

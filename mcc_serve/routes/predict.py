@@ -8,16 +8,17 @@ answers errors as ``{"error": ...}`` like every other route; ``openapi_operation
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
+import time
 from http import HTTPStatus
 
 import numpy as np
 from fastapi import HTTPException
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -96,6 +97,7 @@ async def endpoint(scope, receive, send) -> None:
 
 
 async def predict(request: Request) -> JSONResponse:
+    deadline = time.monotonic() + request.app.state.settings.request_timeout_s  # preprocessing and the model
     resources: Resources = request.app.state.resources
     check_api_key(resources.settings, request.headers.get("authorization"))
     check_ready(resources)
@@ -106,12 +108,17 @@ async def predict(request: Request) -> JSONResponse:
     try:
         images = [resources.preprocess.decode_header(data, name) for name, data in files]
         if sum(resources.preprocess.work_pixels(img) for img in images) <= INLINE_PIXELS:
-            x = resources.preprocess.load_many(images)  # (N, C, H, W); small: cheaper than a thread hop
+            x = resources.preprocess.load_many(images, deadline)  # (N, C, H, W); small: cheaper than a thread hop
         else:
-            x = await run_in_threadpool(resources.preprocess.load_many, images)
+            loop = asyncio.get_running_loop()
+            x = await loop.run_in_executor(resources.preprocess_pool, resources.preprocess.load_many, images, deadline)
     except ImageError as e:
         raise HTTPException(e.status, str(e)) from None
-    probs = softmax(await infer(resources, x))  # (N, num_classes)
+    except TimeoutError:
+        raise HTTPException(
+            504, f"no answer within {resources.settings.request_timeout_s:g}s (preprocessing)"
+        ) from None
+    probs = softmax(await infer(resources, x, deadline))  # (N, num_classes)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (N, top_k)
     return JSONResponse(
         {

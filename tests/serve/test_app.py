@@ -313,3 +313,19 @@ def test_an_aspect_ratio_bomb_is_answered_like_any_image(client):
         r = client.post("/v1/predict", files=[("files", ("strip.png", buf.getvalue(), "image/png"))])
         assert r.status_code == 200 and len(r.json()["predictions"]) == 1
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
+    real_call = Preprocessor.__call__
+    monkeypatch.setattr(Preprocessor, "__call__", lambda self, img: (time.sleep(0.3), real_call(self, img))[1])
+    c = client_for(bundle, request_timeout_s=0.5)
+    try:
+        big = Image.fromarray(np.zeros((300, 300), np.uint8))  # past INLINE_PIXELS: the preprocessing threads
+        big.save(buf := io.BytesIO(), format="PNG")
+        files = [("files", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(6)]  # 1.8 s of preprocessing
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 504 and "no answer within 0.5s (preprocessing)" in r.json()["error"]
+        monkeypatch.setattr(Preprocessor, "__call__", real_call)
+        assert c.post("/v1/predict", files=files[:1]).status_code == 200
+    finally:
+        c.__exit__(None, None, None)

@@ -114,3 +114,20 @@ def test_work_pixels_counts_the_resize_an_aspect_ratio_causes():
     # 1 x 60,000: few pixels to decode, but a 16 x 960,000 resize: not a job for the event loop
     assert pre.work_pixels(Image.new("L", (1, 60_000))) == 60_000 + 16 * 960_000
     assert pre.work_pixels(Image.new("L", (1, 10**7))) == 10**7 + 16 * 16  # past the budget: only the crop
+
+
+def test_load_many_lets_each_decoded_image_go_and_keeps_to_the_deadline():
+    import time
+
+    meta = {"preprocess": {"input_size": [1, 8, 8], "mean": [0.5], "std": [0.5], "interpolation": "bilinear",
+                           "crop_pct": 1.0}}  # fmt: skip
+    pre = Preprocessor.from_model_json(meta, max_pixels=10**6)
+    Image.new("L", (40, 30), 128).save(buf := io.BytesIO(), format="PNG")
+    images = [pre.decode_header(buf.getvalue(), f"{i}.png") for i in range(3)]
+    x = pre.load_many(images)
+    assert x.shape == (3, 1, 8, 8) and np.allclose(x, (128 / 255 - 0.5) / 0.5, atol=1e-6)
+    for img in images:  # closed: the decoded pixels are not held until the request ends
+        with pytest.raises(ValueError, match="closed image"):
+            img.getpixel((0, 0))
+    with pytest.raises(TimeoutError, match="after 0 of 1 images"):
+        pre.load_many([pre.decode_header(buf.getvalue())], deadline=time.monotonic() - 1)

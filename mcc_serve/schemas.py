@@ -60,7 +60,7 @@ class InferInputTensor(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = None  # absent when the tensor is binary (parameters.binary_data_size)
 
 
 class InferRequestedOutput(BaseModel):
@@ -79,7 +79,8 @@ class InferOutputTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: Literal["FP32"] = "FP32"
-    data: list[float]
+    parameters: dict[str, Any] | None = None
+    data: list[float] | None = None  # absent when sent binary after the JSON header
 
 
 class InferResponse(BaseModel):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
@@ -29,7 +31,7 @@ async def ready(resources: Resources = Depends(get_resources)):
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="mcc-serve", version=__version__, extensions=[])
+    return ServerMetadata(name="mcc-serve", version=__version__, extensions=["binary_tensor_data"])
 
 
 def model_or_404(name: str, resources: Resources) -> Resources:
@@ -56,8 +58,23 @@ async def model_ready(name: str, resources: Resources = Depends(get_resources)):
     return JSONResponse({"name": name, "ready": resources.ready}, status_code=200 if resources.ready else 503)
 
 
-def input_tensor(req: InferRequest, resources: Resources) -> np.ndarray:
-    """The request's one FP32 input as (N, C, H, W), or a 400 naming what is wrong."""
+BINARY_HEADER = "inference-header-content-length"  # the binary tensor data extension (tritonclient's default)
+
+
+def split_binary(body: bytes, header: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part) of a request body: all JSON unless the binary extension's header says otherwise."""
+    if header is None:
+        return body, b""
+    if not header.isdigit() or not 0 < int(header) <= len(body):
+        raise HTTPException(
+            400, f"Inference-Header-Content-Length {header!r} must be the JSON header's byte length, 1 to {len(body)}"
+        )
+    return body[: int(header)], body[int(header) :]
+
+
+def input_tensor(req: InferRequest, resources: Resources, binary: bytes = b"") -> np.ndarray:
+    """The request's one FP32 input as (N, C, H, W), from JSON data or the binary part, or a 400 naming what is
+    wrong."""
     meta = resources.engine.meta
     want_name, chw = meta["input"]["name"], list(meta["input"]["shape"][1:])
     if len(req.inputs) != 1 or req.inputs[0].name != want_name:
@@ -65,15 +82,25 @@ def input_tensor(req: InferRequest, resources: Resources) -> np.ndarray:
     tensor = req.inputs[0]
     if tensor.datatype != "FP32":
         raise HTTPException(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not supported; send FP32")
-    if (tensor.parameters or {}).get("binary_data_size") is not None:
-        raise HTTPException(400, "binary tensor data is not supported; send JSON data (binary_data=False)")
     if len(tensor.shape) != 4 or tensor.shape[1:] != chw or tensor.shape[0] < 1:
         raise HTTPException(400, f"input shape {tensor.shape} does not match [N, {', '.join(map(str, chw))}]")
     check_image_count(tensor.shape[0], resources.settings)  # before the data is converted
-    try:
-        x = np.asarray(tensor.data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise HTTPException(400, "input data must be numbers, as a flat or nested list") from None
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is not None:
+        need = 4 * int(np.prod(tensor.shape))
+        if size != need or len(binary) != need:
+            raise HTTPException(
+                400, f"binary input: shape {tensor.shape} needs {need} bytes of FP32; binary_data_size is {size!r} "
+                f"and the body holds {len(binary)} bytes after the JSON header"
+            )  # fmt: skip
+        x = np.frombuffer(binary, dtype="<f4")
+    elif tensor.data is None:
+        raise HTTPException(400, f"input {tensor.name!r} has no data and no binary_data_size")
+    else:
+        try:
+            x = np.asarray(tensor.data, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise HTTPException(400, "input data must be numbers, as a flat or nested list") from None
     if x.size != int(np.prod(tensor.shape)):
         need = int(np.prod(tensor.shape))
         raise HTTPException(400, f"input data has {x.size} values; shape {tensor.shape} needs {need}")
@@ -101,10 +128,11 @@ def openapi_components() -> dict:
     summary="Inference",
     openapi_extra={"requestBody": INFER_BODY},
 )
-async def model_infer(name: str, request: Request, resources: Resources = Depends(require_ready)) -> InferResponse:
+async def model_infer(name: str, request: Request, resources: Resources = Depends(require_ready)) -> Response:
     model_or_404(name, resources)
+    header, binary = split_binary(await request.body(), request.headers.get(BINARY_HEADER))
     try:
-        req = await load_json(await request.body(), InferRequest)
+        req = await load_json(header, InferRequest)
     except ValidationError as e:
         err = e.errors()[0]
         raise HTTPException(400, f"invalid inference request: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
@@ -112,8 +140,22 @@ async def model_infer(name: str, request: Request, resources: Resources = Depend
     for requested in req.outputs or []:
         if requested.name != out_name:
             raise HTTPException(400, f"unknown output {requested.name!r}; the model has {out_name!r}")
-    logits = await infer(resources, input_tensor(req, resources))  # (N, num_classes)
-    return InferResponse(
-        model_name=name, model_version="1", id=req.id,
-        outputs=[{"name": out_name, "shape": list(logits.shape), "datatype": "FP32", "data": logits.ravel().tolist()}],
-    )  # fmt: skip
+    logits = await infer(resources, input_tensor(req, resources, binary))  # (N, num_classes)
+    output = {"name": out_name, "shape": list(logits.shape), "datatype": "FP32"}
+    if not wants_binary_output(req):
+        body = InferResponse(model_name=name, model_version="1", id=req.id,
+                             outputs=[{**output, "data": logits.ravel().tolist()}])  # fmt: skip
+        return JSONResponse(body.model_dump(exclude_none=True))
+    data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+    head = InferResponse(model_name=name, model_version="1", id=req.id,
+                         outputs=[{**output, "parameters": {"binary_data_size": len(data)}}])  # fmt: skip
+    head_bytes = json.dumps(head.model_dump(exclude_none=True)).encode()
+    return Response(head_bytes + data, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head_bytes))})  # fmt: skip
+
+
+def wants_binary_output(req: InferRequest) -> bool:
+    """The binary extension's request for binary outputs: per output, or ``binary_data_output`` for all."""
+    if any((o.parameters or {}).get("binary_data") for o in req.outputs or []):
+        return True
+    return bool((req.parameters or {}).get("binary_data_output")) and not req.outputs

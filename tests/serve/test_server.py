@@ -1,6 +1,7 @@
 """A real uvicorn process: tritonclient, 200 concurrent requests, graceful shutdown, and no torch inside."""
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,28 @@ def test_tritonclient_talks_to_the_server(server, bundle):
     expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
     np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
     assert result.get_response()["id"] == "abc"
+
+
+def test_tritonclient_binary_tensors_its_default(server, bundle):
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    x = np.random.default_rng(2).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # binary_data=True: the Inference-Header-Content-Length extension
+    for outputs in (None, [triton.InferRequestedOutput("logits")], [triton.InferRequestedOutput("logits", False)]):
+        result = client.infer("resnet10t", [inp], outputs=outputs)
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 1024}}]}).encode()  # fmt: skip
+    url = f"{server.url}/v2/models/resnet10t/infer"
+    for length, payload, message in [
+        ("abc", header + bytes(1024), "Inference-Header-Content-Length 'abc'"),
+        (str(len(header)), header + bytes(100), "needs 1024 bytes of FP32"),
+    ]:
+        r = httpx.post(url, content=payload, headers={"Inference-Header-Content-Length": length})
+        assert r.status_code == 400 and message in r.json()["error"], r.text
 
 
 def test_200_requests_from_32_clients_each_get_their_own_answer(server, bundle, digit_pngs):

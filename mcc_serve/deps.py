@@ -36,6 +36,7 @@ class Resources:
     metrics: Metrics
     model_name: str
     ready: bool = False
+    draining: bool = False  # SIGTERM arrived: readiness answers 503, everything else is still served
     preprocess_pool: ThreadPoolExecutor | None = None  # large images are preprocessed here, a bounded few at once
 
 

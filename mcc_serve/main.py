@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -57,12 +59,41 @@ async def lifespan(app: FastAPI):
         _logger.info("ready: %s on %s", resources.model_name, engine.provider)
 
     warm = asyncio.create_task(warm_up())
+    drain_on_sigterm(resources, settings.drain_s)
     yield
     warm.cancel()
     await batcher.stop()  # uvicorn has stopped accepting and let in-flight requests finish; drain the queue
     resources.preprocess_pool.shutdown(wait=True)
     metrics.close()
     gc.unfreeze()
+
+
+def drain_on_sigterm(resources: Resources, drain_s: float) -> None:
+    """On SIGTERM, turn readiness 503 at once and keep serving for ``drain_s`` before uvicorn's graceful shutdown
+    (stop accepting, finish what is in flight and queued, exit 0). A second SIGTERM stops at once.
+
+    A load balancer or Kubernetes sees the 503 and stops sending; requests already on their way still get answers.
+    NOTE: this wraps uvicorn's own handler (installed before the lifespan starts) and sets its server's
+    ``should_exit``, as uvicorn's programmatic API does, so the process exits 0 instead of re-raising the signal.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    server = getattr(previous, "__self__", None)
+    if drain_s <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(server, "should_exit"):
+        return  # not under uvicorn's signal handling (tests, other servers): leave it alone
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        server.should_exit = True
+
+    def on_sigterm(sig, frame) -> None:
+        if resources.draining:
+            stop()
+            return
+        resources.draining = True
+        _logger.info("SIGTERM: readiness is 503 now; serving %gs more, then finishing what is in flight", drain_s)
+        loop.call_soon_threadsafe(loop.call_later, drain_s, stop)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class ServeApp:

@@ -27,6 +27,9 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")
+    drain_s: float = Field(
+        5.0, ge=0, le=600, description="after SIGTERM: readiness 503 at once, keep serving this long, then stop"
+    )
     warmup_runs: int = Field(3, ge=0, description="model runs before readiness turns true")
     api_key: SecretStr | None = Field(None, description="bearer token required on all but health endpoints")
     log_level: str = Field("info", description="log level: critical | error | warning | info | debug | trace")

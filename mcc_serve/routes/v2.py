@@ -26,7 +26,8 @@ async def live() -> dict:
 
 @health.get("/ready", summary="The model is loaded and warmed up (503 until then)")
 async def ready(resources: Resources = Depends(get_resources)):
-    return JSONResponse({"ready": resources.ready}, status_code=200 if resources.ready else 503)
+    ready = resources.ready and not resources.draining
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
@@ -55,7 +56,8 @@ async def model_metadata(name: str, resources: Resources = Depends(get_resources
 @router.get("/models/{name}/ready", response_model=ModelReady, responses=ERRORS, summary="Model readiness")
 async def model_ready(name: str, resources: Resources = Depends(get_resources)):
     resources = model_or_404(name, resources)
-    return JSONResponse({"name": name, "ready": resources.ready}, status_code=200 if resources.ready else 503)
+    ready = resources.ready and not resources.draining
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 BINARY_HEADER = "inference-header-content-length"  # the binary tensor data extension (tritonclient's default)

@@ -1,20 +1,7 @@
-"""The model bundle: model.onnx, model.safetensors, model.json (versioned schema), parity.json.
+"""The model bundle on disk: model.onnx, model.safetensors, model.json and parity.json, written atomically.
 
-model.json, version 1:
-
-- ``format``: ``"mcc-bundle"``, ``version``: 1, ``created``: UTC time
-- ``arch``, ``num_classes``, ``class_names``, ``in_chans``, ``model_kwargs`` (extra ``timm.create_model``
-  arguments, e.g. ``{"patch_size": 4}``; ``{}`` when none)
-- ``input``: ``{"name": "input", "shape": [null, C, H, W], "dtype": "float32"}``;
-  ``output``: ``{"name": "logits", "shape": [null, num_classes], "dtype": "float32"}``
-- ``preprocess``: timm's eval transform: ``input_size`` [C, H, W], ``mean``, ``std``, ``interpolation``,
-  ``crop_pct``, ``crop_mode``; resize the shorter side to ``floor(H / crop_pct)``, center-crop H x W, scale to
-  [0, 1], normalise
-- ``head``: ``type`` (``mc`` | ``linear``), ``classifier`` (module path), ``num_subcenters``, ``center_weight``,
-  ``sigma_scale``, ``sigma_mode``, ``sampling`` (the training-time head; the bundle holds only the mean centers)
-- ``source``: ``checkpoint`` (absolute path), ``sha256``, ``epoch``; ``metrics``: the eval metrics it recorded
-- ``files``: ``{name: {"sha256", "bytes"}}`` for model.onnx, model.safetensors and model_fp16.onnx (with --fp16)
-- ``onnx``: ``opset``, ``exporter``, ``torch``, ``timm``, ``onnx`` versions
+model.json's schema lives in ``mcc_serve.bundle`` (torch-free, shared with the server): the exporter writes
+through it and ``mcc-export --verify`` reads through it.
 """
 
 from __future__ import annotations
@@ -27,10 +14,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from mcc_serve import bundle as schema
 from mcc_train import UsageError
 
-FORMAT = "mcc-bundle"
-VERSION = 1
 MODEL_JSON, ONNX_FILE, WEIGHTS_FILE, FP16_FILE, PARITY_JSON = (
     "model.json",
     "model.onnx",
@@ -53,26 +39,11 @@ def file_record(path: Path) -> dict:
 
 
 def read_model_json(bundle: str | Path) -> dict:
-    """Read and check model.json, with errors that say what is wrong with the bundle."""
-    bundle = Path(bundle)
-    if not bundle.is_dir():
-        raise UsageError(f"{bundle}: no such bundle directory")
-    path = bundle / MODEL_JSON
-    if not path.is_file():
-        raise UsageError(f"{bundle}: no {MODEL_JSON}; is this a bundle written by mcc-export?")
+    """Read model.json and check it against the bundle schema, with errors that say what is wrong."""
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UsageError(f"{path}: not an mcc bundle description (format is not {FORMAT!r})")
-    if meta.get("version", 0) > VERSION:
-        raise UsageError(f"{path}: bundle version {meta['version']} is newer than this mcc ({VERSION}); upgrade mcc")
-    required = ("arch", "num_classes", "class_names", "in_chans", "input", "output", "preprocess", "head", "files")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise UsageError(f"{path}: lacks {', '.join(missing)}")
-    return meta
+        return schema.read_model_json(bundle)
+    except schema.BundleError as e:
+        raise UsageError(str(e)) from None
 
 
 def write_json(path: Path, payload: dict) -> None:

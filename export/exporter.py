@@ -12,15 +12,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from mcc_serve import bundle as schema
 from mcc_train import UsageError
 
 from .bundle import (
-    FORMAT,
     FP16_FILE,
     MODEL_JSON,
     ONNX_FILE,
     PARITY_JSON,
-    VERSION,
     WEIGHTS_FILE,
     file_record,
     sha256_file,
@@ -83,7 +82,10 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         if cfg.fp16:
             write_fp16(tmp / ONNX_FILE, tmp / FP16_FILE)
             files[FP16_FILE] = file_record(tmp / FP16_FILE)
-        meta = model_json(loaded, input_size, files, cfg.opset)
+        try:  # written through the schema the server reads it with
+            meta = schema.validate_model_json(model_json(loaded, input_size, files, cfg.opset))
+        except schema.BundleError as e:
+            raise UsageError(f"{cfg.checkpoint}: cannot describe it as a bundle: {e}") from None
         write_json(tmp / MODEL_JSON, meta)
         _logger.info("verifying the bundle (weights, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
@@ -110,8 +112,8 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
     ckpt, cfg = loaded.ckpt, loaded.ckpt["config"]
     dc = ckpt["data_config"]
     return {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": schema.FORMAT,
+        "version": schema.VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "arch": loaded.arch,
         "num_classes": loaded.num_classes,

@@ -10,7 +10,7 @@ import tempfile
 
 from pydantic import ValidationError
 
-from .engine import BundleError, read_bundle
+from .engine import BundleError, Engine
 from .settings import ServeSettings
 
 EPILOG = """every option can also be set as an environment variable: --max-batch-size 64 is MCC_MAX_BATCH_SIZE=64,
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcc-serve: error: --{name.replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
     try:
-        read_bundle(settings.bundle)
+        # the whole start-up check here, before any worker starts: a bundle that fails it exits 2, with N workers too
+        Engine.load(settings.bundle, settings.device, 1, 1).warmup(1)
     except BundleError as e:
         print(f"mcc-serve: error: {e}", file=sys.stderr)
         return 2

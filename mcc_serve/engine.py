@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,36 +10,45 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .bundle import BundleError, read_model_json
+
+__all__ = ["BundleError", "Engine", "read_bundle", "softmax"]
+
 _logger = logging.getLogger("mcc_serve")
 
 
-class BundleError(Exception):
-    """The bundle cannot be served; the message says why and what to do."""
-
-
 def read_bundle(path: str | Path) -> dict:
-    """model.json of a bundle, after checking that model.onnx is the file it describes."""
+    """model.json of a bundle, validated against the bundle schema, after checking that model.onnx is the file it
+    describes."""
     path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise BundleError(f"{path}: no model.json; point mcc-serve at a directory written by mcc-export")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{meta_path}: not valid JSON ({e})") from None
-    required = ("format", "num_classes", "class_names", "in_chans", "preprocess", "files", "input", "output")
-    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
-    if missing:
-        raise BundleError(f"{meta_path}: not a valid mcc model.json (missing {', '.join(missing)})")
-    if meta["format"] != "mcc-bundle":
-        raise BundleError(f"{meta_path}: format is {meta['format']!r}, not 'mcc-bundle'")
+    meta = read_model_json(path)
     onnx_path = path / "model.onnx"
     if not onnx_path.is_file():
         raise BundleError(f"{path}: no model.onnx")
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    if digest != meta["files"].get("model.onnx", {}).get("sha256"):
+    if digest != meta["files"]["model.onnx"]["sha256"]:
         raise BundleError(f"{onnx_path}: sha256 differs from model.json; re-export, or check with mcc-export --verify")
     return meta
+
+
+def check_graph(session: ort.InferenceSession, meta: dict, where: str) -> None:
+    """The ONNX graph takes and gives what model.json says: input name and (C, H, W), output width = classes."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    want = meta["input"]["name"]
+    if want not in inputs:
+        raise BundleError(f"{where}: model.json names input {want!r}; the graph's inputs are {sorted(inputs)}")
+    graph_chw = inputs[want].shape[1:]
+    if [d if isinstance(d, int) else None for d in graph_chw] != meta["input"]["shape"][1:]:
+        raise BundleError(f"{where}: the graph's input is [N, {graph_chw}], model.json says {meta['input']['shape']}")
+    outputs = {o.name: o for o in session.get_outputs()}
+    out = outputs.get(meta["output"]["name"])
+    if out is None:
+        raise BundleError(
+            f"{where}: model.json names output {meta['output']['name']!r}; the graph has {sorted(outputs)}"
+        )
+    if out.shape[-1] != meta["num_classes"]:
+        raise BundleError(f"{where}: the graph gives {out.shape[-1]} logits per image; model.json has "
+                          f"{meta['num_classes']} classes")  # fmt: skip
 
 
 def providers_for(device: str) -> list[str]:
@@ -78,6 +86,7 @@ class Engine:
             raise BundleError(
                 f"{bundle}/model.onnx: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})"
             ) from None
+        check_graph(session, meta, f"{bundle}/model.onnx")
         _logger.info("loaded %s (%s) on %s", meta.get("arch"), bundle, session.get_providers()[0])
         return cls(session, meta, meta["input"]["name"], meta["output"]["name"])
 
@@ -94,10 +103,16 @@ class Engine:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def warmup(self, runs: int, batch_sizes=(1,)) -> None:
+        """Run the model on zeros; BundleError when it cannot (a graph that loads but does not run)."""
         for batch in batch_sizes:
             x = np.zeros((batch, *self.input_shape), np.float32)
             for _ in range(runs):
-                self.run(x)
+                try:
+                    self.run(x)
+                except Exception as e:  # onnxruntime's own exception types
+                    raise BundleError(
+                        f"the model fails on a batch of {batch}: {str(e).splitlines()[0][:200]}"
+                    ) from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

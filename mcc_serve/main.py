@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from . import __version__
 from .batcher import DynamicBatcher
 from .deps import Resources, require_api_key
-from .engine import Engine
+from .engine import BundleError, Engine
 from .metrics import Metrics
 from .middleware import LimitsAndMetrics, client_disconnected, json_error
 from .preprocess import Preprocessor
@@ -54,7 +54,11 @@ async def lifespan(app: FastAPI):
     batcher.start()
 
     async def warm_up():
-        await asyncio.to_thread(engine.warmup, settings.warmup_runs, (1, min(settings.max_batch_size, 64)))
+        try:
+            await asyncio.to_thread(engine.warmup, settings.warmup_runs, (1, min(settings.max_batch_size, 64)))
+        except BundleError as e:  # mcc-serve checked one run before starting; this is a worker that cannot
+            _logger.error("not ready, and will not be: %s", e)
+            return
         resources.ready = True
         _logger.info("ready: %s on %s", resources.model_name, engine.provider)
 

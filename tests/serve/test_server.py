@@ -218,6 +218,49 @@ def test_cli_bad_bundle_and_bad_options_exit_2(tmp_path, bundle):
     assert proc.returncode == 2 and "sha256 differs" in proc.stderr
 
 
+def broken_bundles(bundle, root):
+    """(name, bundle dir, message) for bundles that must not start: each breaks one thing model.json promises."""
+    import hashlib
+
+    def variant(name, edit=None, onnx=None):
+        out = root / name
+        shutil.copytree(bundle, out)
+        meta = json.loads((out / "model.json").read_text())
+        if onnx is not None:
+            (out / "model.onnx").write_bytes(onnx)
+            meta["files"]["model.onnx"]["sha256"] = hashlib.sha256(onnx).hexdigest()  # the sha256 matches
+        if edit is not None:
+            edit(meta)
+        (out / "model.json").write_text(json.dumps(meta))
+        return out
+
+    def fewer_classes(m):
+        m["class_names"], m["num_classes"], m["output"]["shape"] = m["class_names"][:9], 9, [None, 9]
+
+    return [
+        ("short class_names", variant("a", lambda m: m.update(class_names=m["class_names"][:9])), "class_names"),
+        ("fewer outputs than the graph", variant("b", fewer_classes), "10 logits per image; model.json has 9"),
+        ("no input shape", variant("c", lambda m: m["input"].pop("shape")), "input.shape"),
+        ("wrong input name", variant("d", lambda m: m["input"].update(name="pixels")), "names input 'pixels'"),
+        ("empty preprocess", variant("e", lambda m: m.update(preprocess={})), "preprocess"),
+        ("non-square", variant("f", lambda m: m["preprocess"].update(input_size=[1, 16, 12])), "square"),
+        ("newer version", variant("g", lambda m: m.update(version=99)), "newer than this mcc"),
+        ("corrupt graph", variant("h", onnx=b"not a model" * 10), "onnxruntime cannot load it"),
+    ]
+
+
+def test_every_broken_bundle_is_one_line_and_exit_2_with_one_or_two_workers(tmp_path, bundle):
+    for name, broken, message in broken_bundles(bundle, tmp_path):
+        for workers in ("1", "2"):
+            proc = run_cli("mcc_serve", broken, "--workers", workers, "--port", "0", timeout=120)
+            err = proc.stderr.strip()
+            assert proc.returncode == 2 and len(err.splitlines()) == 1, (name, workers, proc.stderr)
+            assert err.startswith("mcc-serve: error:") and message in err, (name, err)
+    for name, broken, _message in broken_bundles(bundle, tmp_path / "verify"):
+        proc = run_cli("export", "--verify", broken)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (name, proc.stderr)
+
+
 def test_help_lists_every_option():
     proc = run_cli("mcc_serve", "--help")
     from mcc_serve.settings import ServeSettings

@@ -1,0 +1,137 @@
+"""The bundle contract: model.json's schema, defined once and torch-free.
+
+``export`` builds model.json through ``ModelJson`` and reads it back with ``read_model_json`` for
+``mcc-export --verify``; ``mcc-serve`` reads it with the same function and checks the ONNX graph against it at
+start-up (``mcc_serve.engine``). A model.json that does not validate is refused with one line naming the field.
+
+model.json, version 1: ``format`` ("mcc-bundle"), ``version``, ``created``, ``arch``, ``num_classes``,
+``class_names``, ``in_chans``, ``model_kwargs`` (extra ``timm.create_model`` arguments), ``input`` and ``output``
+(name, shape with a ``null`` batch axis, dtype), ``preprocess`` (timm's eval transform: ``input_size`` [C, H, W],
+``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), ``head`` (``type`` mc | linear,
+``classifier``, and for MC the training-time settings), ``source``, ``metrics``, ``files`` (sha256 and size of
+each file), ``onnx`` (opset and exporter versions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FORMAT, VERSION = "mcc-bundle", 1
+MODEL_JSON = "model.json"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
+class BundleError(Exception):
+    """The bundle cannot be used; the message says why and what to do."""
+
+
+class TensorSpec(BaseModel):
+    name: str = Field(min_length=1)
+    shape: list[int | None]
+    dtype: Literal["float32"] = "float32"
+
+
+class Preprocess(BaseModel):
+    input_size: list[int] = Field(min_length=3, max_length=3)  # [C, H, W]
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+    interpolation: Literal[INTERPOLATIONS]
+    crop_pct: float = Field(gt=0, le=1)
+    crop_mode: Literal["center", "squash"] = "center"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocess:
+        c, h, w = self.input_size
+        if min(c, h, w) < 1 or h != w:
+            raise ValueError(f"input_size {self.input_size} must be [C, S, S] with positive sizes (a square input)")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, c):
+                raise ValueError(f"{name} has {len(values)} values; the input has {c} channels")
+        if min(self.std) <= 0:
+            raise ValueError("std must be positive")
+        return self
+
+
+class Head(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the MC settings it was trained with
+
+    type: Literal["mc", "linear"]
+    classifier: str
+
+
+class FileRecord(BaseModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class ModelJson(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format: Literal["mcc-bundle"]
+    version: int = Field(ge=1)
+    created: str | None = None
+    arch: str = Field(min_length=1)
+    num_classes: int = Field(ge=1)
+    class_names: list[str]
+    in_chans: Literal[1, 3]
+    model_kwargs: dict[str, Any] = {}
+    input: TensorSpec
+    output: TensorSpec
+    preprocess: Preprocess
+    head: Head
+    source: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    files: dict[str, FileRecord]
+    onnx: dict[str, Any] = {}
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > VERSION:
+            raise ValueError(f"bundle version {v} is newer than this mcc ({VERSION}); upgrade mcc")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelJson:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
+        if self.preprocess.input_size[0] != self.in_chans:
+            raise ValueError(f"preprocess.input_size {self.preprocess.input_size} has not in_chans {self.in_chans}")
+        if self.input.shape != [None, *self.preprocess.input_size]:
+            raise ValueError(f"input.shape {self.input.shape} is not [null, *preprocess.input_size]")
+        if self.output.shape != [None, self.num_classes]:
+            raise ValueError(f"output.shape {self.output.shape} is not [null, num_classes]")
+        if "model.onnx" not in self.files:
+            raise ValueError("files lacks model.onnx")
+        return self
+
+
+def read_model_json(bundle: str | Path) -> dict:
+    """model.json of a bundle directory, validated against ``ModelJson`` (BundleError naming what is wrong)."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such bundle directory")
+    path = bundle / MODEL_JSON
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MODEL_JSON}; point at a directory written by mcc-export")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    return validate_model_json(raw, str(path))
+
+
+def validate_model_json(raw: Any, where: str = MODEL_JSON) -> dict:
+    """``raw`` checked against the schema, as a plain dict with defaults filled in."""
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{where}: not an mcc bundle description (format is not {FORMAT!r})")
+    try:
+        return ModelJson.model_validate(raw).model_dump(mode="json")
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "model.json"
+        raise BundleError(f"{where}: {field}: {err['msg'].removeprefix('Value error, ')}") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .middleware import LimitsAndMetrics, client_disconnected, json_error
 from .preprocess import Preprocessor
 from .routes import predict, v2
+from .schemas import ErrorResponse
 from .settings import ServeSettings
 
 _logger = logging.getLogger("mcc_serve")
@@ -151,7 +152,8 @@ def create_app(settings: ServeSettings | None = None) -> ServeApp:
 
     app.openapi = with_predict_docs(app)
 
-    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)], summary="Prometheus metrics",
+             response_class=PlainTextResponse, responses={401: {"model": ErrorResponse}})  # fmt: skip
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.resources.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -159,7 +159,10 @@ def openapi_operation() -> tuple[dict, dict]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                        "properties": {
+                            "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+                        },
+                        "required": ["files"],
                     }  # fmt: skip
                 },
                 **ref("PredictJSON"),

@@ -159,7 +159,10 @@ def create_app(settings: ServeSettings | None = None) -> ServeApp:
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return json_error(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and headers.get("Allow", "").split(", ") == ["GET"]:
+            headers["Allow"] = "GET, HEAD"  # ServeApp answers HEAD on every GET route
+        return json_error(str(exc.detail), exc.status_code, headers or None)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect):

@@ -258,7 +258,7 @@ def test_router_errors_head_and_trailing_slashes_answer_like_every_other_route(c
     r = client.get("/no/such/route")
     assert r.status_code == 404 and set(r.json()) == {"error"}
     r = client.post("/v2/health/live")
-    assert r.status_code == 405 and set(r.json()) == {"error"} and r.headers["allow"] == "GET"
+    assert r.status_code == 405 and set(r.json()) == {"error"} and r.headers["allow"] == "GET, HEAD"
     r = client.get("/v2/health/live/", follow_redirects=False, headers={"host": "evil.example"})
     assert r.status_code == 404 and "location" not in r.headers and set(r.json()) == {"error"}
     for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/v2/models/resnet10t/ready"):

@@ -11,6 +11,7 @@ import tempfile
 from pydantic import ValidationError
 
 from .engine import BundleError, Engine
+from .protocol import BoundedHttpToolsProtocol
 from .settings import ServeSettings
 
 EPILOG = """every option can also be set as an environment variable: --max-batch-size 64 is MCC_MAX_BATCH_SIZE=64,
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=settings.workers,
             log_level=settings.log_level,
             log_config=log_config,
+            http=BoundedHttpToolsProtocol,  # header size and slow-client limits (mcc_serve/protocol.py)
+            timeout_keep_alive=settings.keep_alive_s,
             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         )
     finally:

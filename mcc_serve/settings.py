@@ -24,6 +24,10 @@ class ServeSettings(BaseSettings):
     preprocess_threads: int = Field(
         2, ge=1, le=64, description="threads that decode and resize large images; bounds their memory (README)"
     )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers before 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="time to send the headers (from connect or 1st byte): 408")
+    body_timeout_s: float = Field(60.0, gt=0, description="time to send the body after the headers, else closed")
+    keep_alive_s: int = Field(5, ge=1, description="idle time between requests on a kept-alive connection")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")

@@ -291,3 +291,35 @@ def test_a_client_that_disconnects_mid_body_is_a_499_and_one_log_line(bundle, di
         srv.stop()
     log = srv.proc.stdout.read()
     assert "Traceback" not in log and log.count("disconnected before sending its whole request") == 2
+
+
+def test_slow_and_oversized_clients_are_cut_off_and_the_server_stays_ready(bundle):
+    import socket
+
+    srv = Server(bundle, "--header-timeout-s", "1", "--body-timeout-s", "1", "--max-header-bytes", "4096")
+
+    def exchange(payload: bytes, wait: float = 5) -> bytes:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=wait) as sock:
+            sock.sendall(payload)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)  # the server closed the connection
+
+    try:
+        started = time.time()
+        assert exchange(b"").startswith(b"HTTP/1.1 408")  # connects, sends nothing
+        assert exchange(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408")  # slow headers
+        assert time.time() - started < 4.5
+        big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000 + b"\r\n\r\n"
+        answer = exchange(big)
+        assert answer.startswith(b"HTTP/1.1 431") and b'"error"' in answer
+        short_body = (
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999\r\n\r\n{"
+        )
+        assert b"200 OK" not in exchange(short_body)  # closed after --body-timeout-s
+        ok = httpx.get(f"{srv.url}/v2/health/live", headers={"X-Pad": "a" * 2000})  # within the limits: served
+        assert ok.status_code == 200
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+    finally:
+        srv.stop()

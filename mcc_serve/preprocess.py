@@ -143,13 +143,17 @@ class Preprocessor:
             TimeoutError: ``time.monotonic()`` passed ``deadline`` before the last image was done.
         """
         out = np.empty((len(images), self.in_chans, self.size, self.size), np.float32)  # (N, C, H, W)
-        for i, img in enumerate(images):
+        for i in range(len(images)):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"preprocessing passed the request deadline after {i} of {len(images)} images")
+            img, images[i] = images[i], None  # the caller's list lets go of it too
             try:
                 out[i] = self(self.decode(img))
             finally:
-                img.close()  # its decoded pixels go now, not when the whole request is done
+                # its decoded pixels go now, not when the whole request is done; some decoders (WebP) keep a
+                # frame buffer of their own until the image object itself is gone
+                img.close()
+                del img
         return out
 
 

@@ -126,8 +126,6 @@ def test_load_many_lets_each_decoded_image_go_and_keeps_to_the_deadline():
     images = [pre.decode_header(buf.getvalue(), f"{i}.png") for i in range(3)]
     x = pre.load_many(images)
     assert x.shape == (3, 1, 8, 8) and np.allclose(x, (128 / 255 - 0.5) / 0.5, atol=1e-6)
-    for img in images:  # closed: the decoded pixels are not held until the request ends
-        with pytest.raises(ValueError, match="closed image"):
-            img.getpixel((0, 0))
+    assert images == [None, None, None]  # let go of: the decoded pixels are not held until the request ends
     with pytest.raises(TimeoutError, match="after 0 of 1 images"):
         pre.load_many([pre.decode_header(buf.getvalue())], deadline=time.monotonic() - 1)

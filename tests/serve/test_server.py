@@ -1,6 +1,7 @@
 """A real uvicorn process: tritonclient, 200 concurrent requests, graceful shutdown, and no torch inside."""
 
 import asyncio
+import io
 import json
 import shutil
 import signal
@@ -321,5 +322,33 @@ def test_slow_and_oversized_clients_are_cut_off_and_the_server_stays_ready(bundl
         ok = httpx.get(f"{srv.url}/v2/health/live", headers={"X-Pad": "a" * 2000})  # within the limits: served
         assert ok.status_code == 200
         assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+    finally:
+        srv.stop()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_a_request_of_small_files_that_decode_large_holds_one_image_at_a_time(bundle):
+    from PIL import Image
+
+    Image.new("RGB", (4000, 4000), (10, 200, 30)).save(buf := io.BytesIO(), format="WEBP", lossless=True)
+    webp = buf.getvalue()  # under 1 KB on the wire, 48 MB decoded
+    srv = Server(bundle)
+    try:
+        one = [("files", ("0.webp", webp, "image/webp"))]
+        assert httpx.post(f"{srv.url}/v1/predict", files=one, timeout=120).status_code == 200  # arenas warm
+        before = peak_rss_mb(srv.proc.pid)
+        eight = [("files", (f"{i}.webp", webp, "image/webp")) for i in range(8)]
+        r = httpx.post(f"{srv.url}/v1/predict", files=eight, timeout=120)
+        grown = peak_rss_mb(srv.proc.pid) - before
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 8
+        # one image at a time fits in what the first request already used (measured: +16 MB); holding all
+        # eight, WebP's own frame buffers included, measured +887 MB
+        assert grown < 200, f"peak RSS grew {grown:.0f} MB for 8 images of 48 MB: more than one at a time"
     finally:
         srv.stop()

@@ -111,7 +111,10 @@ async def predict(request: Request) -> JSONResponse:
             x = resources.preprocess.load_many(images, deadline)  # (N, C, H, W); small: cheaper than a thread hop
         else:
             loop = asyncio.get_running_loop()
-            x = await loop.run_in_executor(resources.preprocess_pool, resources.preprocess.load_many, images, deadline)
+            job = loop.run_in_executor(resources.preprocess_pool, resources.preprocess.load_many, images, deadline)
+            # the answer comes at the deadline even while one slow image is still being decoded (the thread stops
+            # at its next image)
+            x = await asyncio.wait_for(job, max(0.0, deadline - time.monotonic()))
     except ImageError as e:
         raise HTTPException(e.status, str(e)) from None
     except TimeoutError:

@@ -325,6 +325,9 @@ def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
         files = [("files", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(6)]  # 1.8 s of preprocessing
         r = c.post("/v1/predict", files=files)
         assert r.status_code == 504 and "no answer within 0.5s (preprocessing)" in r.json()["error"]
+        monkeypatch.setattr(Preprocessor, "__call__", lambda self, img: (time.sleep(3), real_call(self, img))[1])
+        r = c.post("/v1/predict", files=files[:1])  # one image far slower than the whole deadline
+        assert r.status_code == 504 and r.elapsed.total_seconds() < 2.5  # answered before that image was done
         monkeypatch.setattr(Preprocessor, "__call__", real_call)
         assert c.post("/v1/predict", files=files[:1]).status_code == 200
     finally:

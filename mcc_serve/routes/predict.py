@@ -117,7 +117,7 @@ async def predict(request: Request) -> JSONResponse:
             x = await asyncio.wait_for(job, max(0.0, deadline - time.monotonic()))
     except ImageError as e:
         raise HTTPException(e.status, str(e)) from None
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on; wait_for's own on 3.10
         raise HTTPException(
             504, f"no answer within {resources.settings.request_timeout_s:g}s (preprocessing)"
         ) from None

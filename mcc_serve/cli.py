@@ -10,7 +10,7 @@ import tempfile
 
 from pydantic import ValidationError
 
-from .engine import BundleError, Engine
+from .engine import BundleError, Engine, providers_for
 from .protocol import BoundedHttpToolsProtocol
 from .settings import ServeSettings
 
@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcc-serve: error: --{name.replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
     try:
-        # the whole start-up check here, before any worker starts: a bundle that fails it exits 2, with N workers too
-        Engine.load(settings.bundle, settings.device, 1, 1).warmup(1)
+        # the whole start-up check here, before any worker starts: a bundle that fails it exits 2, with N workers too.
+        # On the CPU: the supervisor process must not hold a CUDA context for the life of the server.
+        providers_for(settings.device)
+        Engine.load(settings.bundle, "cpu", 1, 1).warmup(1)
     except BundleError as e:
         print(f"mcc-serve: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from .bundle import BundleError, read_model_json
 
-__all__ = ["BundleError", "Engine", "read_bundle", "softmax"]
+__all__ = ["BundleError", "Engine", "providers_for", "read_bundle", "softmax"]
 
 _logger = logging.getLogger("mcc_serve")
 

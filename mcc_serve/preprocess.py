@@ -26,6 +26,21 @@ INTERPOLATION = {
 
 
 RESIZE_BUDGET_PIXELS = 1 << 24  # a resize to more pixels than this resizes only the region the crop keeps
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow's 16-bit, 32-bit integer and float modes
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth image as the 8-bit ``L`` image an 8-bit copy of it holds; other modes unchanged.
+
+    Integer modes are read as 16-bit (0..65535 -> 0..255, i.e. round(v / 257)), ``F`` as 0..1 floats. Pillow's own
+    ``convert("L")`` clips them at 255 instead, which turns a 16-bit PNG nearly white. ``mcc_train.data`` applies
+    the same rule to training images (a test holds the two to the same pixels).
+    """
+    if img.mode not in HIGH_BIT_MODES:
+        return img
+    x = np.asarray(img, dtype=np.float64)  # (H, W)
+    x = x * 255.0 if img.mode == "F" else x * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))  # (H, W) uint8: mode L
 
 
 class ImageError(ValueError):
@@ -91,6 +106,7 @@ class Preprocessor:
         """Decode the pixels of a lazily opened image into the model's mode (L or RGB)."""
         try:
             img.load()
+            img = to_8bit(img)
             return img if img.mode == self._mode else img.convert(self._mode)
         except (OSError, ValueError, SyntaxError) as e:
             name = img.info.get("mcc_name", "image")

@@ -1,16 +1,23 @@
 """Datasets read from local files only, and timm's train/eval transforms.
 
 ``--data`` specs: ``digits`` (scikit-learn's bundled set), ``fashion-mnist[:DIR]`` (IDX gzip files),
-``imagefolder:ROOT`` (ROOT/train/<class>/*, ROOT/val/<class>/*), ``cifar10:DIR``, ``cifar100:DIR``
-(the python-pickle CIFAR files). Nothing is ever downloaded.
+``imagefolder:ROOT`` (ROOT/train/<class>/**/*, ROOT/val/<class>/**/*: a class folder's images are found
+recursively), ``cifar10:DIR``, ``cifar100:DIR`` (the python-pickle CIFAR files). Nothing is ever downloaded.
+
+An image folder is checked before training starts: every file's header is read (the val images are decoded in
+full), in parallel, and all unreadable files are reported at once (or skipped with ``skip_bad_images``). The channel
+count comes from all files: any colour image makes the data colour.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import pickle
 import struct
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,24 @@ FASHION_MNIST_CLASSES = [
 ]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATA_KINDS = ("digits", "fashion-mnist", "imagefolder", "cifar10", "cifar100")
+GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}  # palette (P) counts as colour
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+_logger = logging.getLogger("mcc_train")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth image as the 8-bit ``L`` image an 8-bit copy of it holds; other modes unchanged.
+
+    Integer modes are read as 16-bit (0..65535 -> 0..255, i.e. round(v / 257)), ``F`` as 0..1 floats; Pillow's
+    ``convert("L")`` would clip them at 255. The serving preprocessing (``mcc_serve.preprocess.to_8bit``, which
+    cannot import this package) applies the same rule; a test holds the two to the same pixels.
+    """
+    if img.mode not in HIGH_BIT_MODES:
+        return img
+    x = np.asarray(img, dtype=np.float64)  # (H, W)
+    x = x * 255.0 if img.mode == "F" else x * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))  # (H, W) uint8: mode L
 
 
 class ArrayDataset(Dataset):
@@ -66,7 +91,7 @@ class FolderDataset(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)
+                img = to_8bit(img).convert(self.mode)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise UsageError(f"unreadable image {path}: {e}; remove or replace it") from None
         return (self.transform(img) if self.transform else img), label
@@ -77,16 +102,24 @@ class DataSplits:
     train: ArrayDataset | FolderDataset
     val: ArrayDataset | FolderDataset
     class_names: list[str]
-    grayscale: bool  # the source images are single-channel
+    grayscale: bool  # every source image is single-channel
     name: str  # digits, fashion-mnist, ...
+    channels_note: str = ""  # why grayscale is what it is, for the start-up line
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (skip_bad_images)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def load_data(spec: str, subset: int | None = None) -> DataSplits:
-    """Load the train and val splits named by a ``--data`` spec, without transforms."""
+def load_data(spec: str, subset: int | None = None, skip_bad_images: bool = False) -> DataSplits:
+    """Load the train and val splits named by a ``--data`` spec, without transforms.
+
+    Args:
+        spec: ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:ROOT``, ``cifar10:DIR`` or ``cifar100:DIR``.
+        subset: keep only this many training images (a fixed random subset).
+        skip_bad_images: leave unreadable image files out (listed in ``DataSplits.skipped``) instead of refusing.
+    """
     kind, _, arg = spec.partition(":")
     if kind not in DATA_KINDS:
         raise UsageError(f"--data {spec}: unknown dataset {kind!r}; use one of {', '.join(DATA_KINDS)}")
@@ -97,7 +130,7 @@ def load_data(spec: str, subset: int | None = None) -> DataSplits:
     elif kind == "fashion-mnist":
         splits = _fashion_mnist(Path(arg or FASHION_MNIST_DIR), spec)
     elif kind == "imagefolder":
-        splits = _imagefolder(Path(arg), spec)
+        splits = _imagefolder(Path(arg), spec, skip_bad_images)
     else:
         splits = _cifar(Path(arg), kind, spec)
     if subset is not None and subset < len(splits.train):
@@ -115,7 +148,8 @@ def _digits() -> DataSplits:
     x_tr, x_va, y_tr, y_va = train_test_split(
         images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
     )  # a fixed split, the same for every training seed
-    return DataSplits(ArrayDataset(x_tr, y_tr), ArrayDataset(x_va, y_va), [str(i) for i in range(10)], True, "digits")
+    names = [str(i) for i in range(10)]
+    return DataSplits(ArrayDataset(x_tr, y_tr), ArrayDataset(x_va, y_va), names, True, "digits", "digits is grayscale")
 
 
 def _read_idx(path: Path, spec: str) -> np.ndarray:
@@ -148,10 +182,10 @@ def _fashion_mnist(root: Path, spec: str) -> DataSplits:
     arrays |= {s: _read_idx(find(f"{s}-idx{n}-ubyte"), spec) for s, n in [("t10k-images", 3), ("t10k-labels", 1)]}
     train = ArrayDataset(arrays["train-images"], arrays["train-labels"].astype(np.int64))
     val = ArrayDataset(arrays["t10k-images"], arrays["t10k-labels"].astype(np.int64))
-    return DataSplits(train, val, list(FASHION_MNIST_CLASSES), True, "fashion-mnist")
+    return DataSplits(train, val, list(FASHION_MNIST_CLASSES), True, "fashion-mnist", "Fashion-MNIST is grayscale")
 
 
-def _imagefolder(root: Path, spec: str) -> DataSplits:
+def _imagefolder(root: Path, spec: str, skip_bad_images: bool) -> DataSplits:
     if not root.is_dir():
         raise UsageError(f"--data {spec}: no directory {root}")
     splits = {}
@@ -165,29 +199,74 @@ def _imagefolder(root: Path, spec: str) -> DataSplits:
         missing = sorted(set(splits["train"]) ^ set(splits["val"]))
         raise UsageError(f"--data {spec}: train and val class folders differ ({', '.join(missing[:5])})")
     classes = splits["train"]
-    samples = {}
+    samples = {
+        split: [(p, label) for label, name in enumerate(classes) for p in _image_files(root / split / name)]
+        for split in ("train", "val")
+    }
+    modes, bad = scan_images([p for p, _ in samples["train"]], [p for p, _ in samples["val"]])
+    if bad and not skip_bad_images:
+        for path, reason in bad:
+            _logger.error("unreadable image: %s (%s)", path, reason)
+        raise UsageError(
+            f"--data {spec}: {len(bad)} unreadable image file(s) ({bad[0][0]}{' ...' if len(bad) > 1 else ''}; all "
+            "listed above); remove or replace them, or pass --skip-bad-images"
+        )
+    skipped = {p for p, _ in bad}
+    for path, reason in bad:
+        _logger.warning("skipping unreadable image: %s (%s)", path, reason)
     for split in ("train", "val"):
-        samples[split] = []
-        for label, name in enumerate(classes):
-            files = sorted(p for p in (root / split / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UsageError(f"--data {spec}: empty class folder {root / split / name}; add images or remove it")
-            samples[split] += [(p, label) for p in files]
-    mode = _check_images(samples["train"][:: max(1, len(samples["train"]) // 64)] + samples["val"][:1], spec)
-    grayscale = mode in ("L", "1", "I;16", "I", "F")
-    return DataSplits(FolderDataset(samples["train"]), FolderDataset(samples["val"]), classes, grayscale, "imagefolder")
+        samples[split] = [(p, label) for p, label in samples[split] if p not in skipped]
+        empty = sorted(set(range(len(classes))) - {label for _, label in samples[split]})
+        if empty:
+            raise UsageError(
+                f"--data {spec}: no readable images in class folder {root / split / classes[empty[0]]}; "
+                "add images or remove the folder"
+            )
+    colour = [p for p, m in modes.items() if m not in GRAYSCALE_MODES and p not in skipped]
+    total = len(samples["train"]) + len(samples["val"])
+    if colour:
+        note = f"{len(colour)} of {total} images are colour, e.g. {colour[0]}"
+    else:
+        note = f"all {total} images are grayscale"
+    return DataSplits(
+        FolderDataset(samples["train"]),
+        FolderDataset(samples["val"]),
+        classes,
+        not colour,
+        "imagefolder",
+        channels_note=note,
+        skipped=sorted(str(p) for p in skipped),
+    )
 
 
-def _check_images(samples: list[tuple[Path, int]], spec: str) -> str:
-    """Open a sample of the images (header only); return the mode of the first one."""
-    modes = []
-    for path, _ in samples:
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under a class folder, found recursively (torchvision ImageFolder's convention), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def scan_images(headers: list[Path], full: list[Path]) -> tuple[dict[Path, str], list[tuple[Path, str]]]:
+    """Open every file in parallel: ``headers`` read the header only, ``full`` are decoded in full.
+
+    Returns:
+        (mode of each readable file, [(path, reason)] of the unreadable ones, in input order).
+    """
+
+    def check(job: tuple[Path, bool]) -> tuple[str | None, str | None]:  # (mode, why unreadable)
+        path, decode = job
         try:
             with Image.open(path) as img:
-                modes.append(img.mode)
-        except (OSError, UnidentifiedImageError) as e:
-            raise UsageError(f"--data {spec}: unreadable image {path} ({e}); remove or replace it") from None
-    return modes[0]
+                if decode:
+                    img.load()
+                return img.mode, None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+
+    jobs = [(p, False) for p in headers] + [(p, True) for p in full]
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:  # I/O and Pillow's C code
+        results = list(pool.map(check, jobs, chunksize=64))
+    modes = {p: mode for (p, _), (mode, _) in zip(jobs, results, strict=True) if mode is not None}
+    bad = [(p, why) for (p, _), (_, why) in zip(jobs, results, strict=True) if why is not None]
+    return modes, bad
 
 
 def _cifar(root: Path, kind: str, spec: str) -> DataSplits:
@@ -232,7 +311,7 @@ def _cifar(root: Path, kind: str, spec: str) -> DataSplits:
     x_tr, y_tr = arrays(train_files)
     x_te, y_te = arrays([test_file])
     names = [n.decode() for n in read(meta_file)[names_key]]
-    return DataSplits(ArrayDataset(x_tr, y_tr), ArrayDataset(x_te, y_te), names, False, kind)
+    return DataSplits(ArrayDataset(x_tr, y_tr), ArrayDataset(x_te, y_te), names, False, kind, f"{kind} is colour")
 
 
 def build_data_config(model: torch.nn.Module, img_size: int, in_chans: int, crop_pct: float, interpolation: str):

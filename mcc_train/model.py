@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import sys
 from pathlib import Path
 
 import timm
@@ -45,7 +47,7 @@ def create_model(
     in_chans: int = 3,
     mc: MCSettings = MC_DEFAULTS,
     img_size: int | None = None,
-    checkpoint_path: str | Path | None = None,
+    pretrained_file: str | Path | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build ``timm.create_model(arch, pretrained=False, ...)`` with an MC (or the vanilla linear) head.
@@ -61,7 +63,9 @@ def create_model(
         mc: the MC hyperparameters (``MC_DEFAULTS`` unless given); single fields can also be passed as keywords,
             e.g. ``num_subcenters=4, sampling="local"``.
         img_size: input size; passed to timm only for models with a fixed token grid (ViT, Swin), CNNs take any.
-        checkpoint_path: local timm weights that initialise the backbone; a classifier of another shape is skipped.
+        pretrained_file: local timm or Hugging Face weights (``.safetensors``, ``.pth``, ``.bin``, or a directory with
+            timm's ``config.json``, such as an mcc bundle) loaded through timm's own ``load_pretrained``: the input
+            conv is adapted to ``in_chans``, a classifier of another size is dropped, the MC head goes on top.
         **kwargs: MCSettings fields, the rest passed to ``timm.create_model`` (``drop_rate``, ``patch_size``, ...).
     """
     if head not in HEADS:
@@ -79,16 +83,27 @@ def create_model(
         hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
         raise UsageError(f"unknown arch {arch!r}{hint}")
     timm_kwargs = timm_size_kwargs(arch, img_size) | timm_kwargs
-    try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
-    except Exception as e:  # an argument the model does not take, a value or input size it rejects
-        raise UsageError(
-            f"{arch}: cannot build it with {timm_kwargs or 'its defaults'} ({type(e).__name__}: {e}); "
-            "check --img-size and --model-kwargs"
-        ) from None
+    model = _build(arch, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     path = classifier_path(model)
-    if checkpoint_path is not None:
-        load_backbone(model, checkpoint_path, path)
+    if pretrained_file is not None:
+        overlay = pretrained_overlay(model, arch, pretrained_file, path)
+        try:
+            model = timm.create_model(
+                arch,
+                pretrained=True,
+                pretrained_cfg_overlay=overlay,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                **timm_kwargs,
+            )
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(
+                f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} ({str(e).splitlines()[0][:200]})"
+            ) from None
+        notes = [f"input conv adapted from {overlay['input_size'][0]} to {in_chans} channels"] * (
+            "input_size" in overlay and overlay["input_size"][0] != in_chans
+        ) + ["its classifier has another size: dropped"] * (overlay["num_classes"] != num_classes)
+        _logger.info("initialised %s from %s%s", arch, pretrained_file, f" ({'; '.join(notes)})" if notes else "")
     if head == "mc":
         linear = model.get_submodule(path)
         mc_head = MultiCenterHead(linear.in_features, num_classes, bias=linear.bias is not None, **mc.head_kwargs())
@@ -113,25 +128,85 @@ def get_mc_head(model: nn.Module) -> MultiCenterHead | None:
     return head if isinstance(head, MultiCenterHead) else None
 
 
-def load_backbone(model: nn.Module, checkpoint_path: str | Path, classifier: str) -> None:
-    """Load local timm weights into ``model``; classifier tensors of another shape are left at their init."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise UsageError(f"--checkpoint-path {path}: no such file")
+def _build(arch: str, **kwargs) -> nn.Module:
     try:
-        state = timm.models.load_state_dict(str(path), weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--checkpoint-path {path}: not a readable weights file ({type(e).__name__}: {e})") from None
-    own = model.state_dict()
-    skipped = [k for k in state if k.startswith(classifier + ".") and k in own and state[k].shape != own[k].shape]
-    for k in skipped:
-        del state[k]
-    result = model.load_state_dict(state, strict=False)
-    unexpected = list(result.unexpected_keys)
-    backbone_missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
-    if unexpected or backbone_missing:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as e:  # an argument the model does not take, a value or input size it rejects
+        extra = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_chans")}
         raise UsageError(
-            f"--checkpoint-path {path}: does not fit {type(model).__name__} "
-            f"(unexpected keys {unexpected[:3]}, missing keys {backbone_missing[:3]}); is it weights for this arch?"
+            f"{arch}: cannot build it with {extra or 'its defaults'} ({type(e).__name__}: {e}); "
+            "check --img-size and --model-kwargs"
+        ) from None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin", ".pt")
+
+
+def weights_file(path: Path, arch: str) -> tuple[Path, dict]:
+    """The weights file a ``--pretrained-file`` names, and its timm ``config.json`` (empty for a bare file)."""
+    flag = f"--pretrained-file {path}"
+    if path.is_dir():
+        config = {}
+        if (path / "config.json").is_file():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"{flag}: config.json is not valid JSON ({e})") from None
+        found = config.get("architecture", arch) if isinstance(config, dict) else arch
+        if found.removeprefix("timm/") != arch:
+            raise UsageError(f"{flag}: holds weights for {found}, not --arch {arch}; pass --arch {found}")
+        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (path / name).is_file():
+                return path / name, config
+        files = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        if not files:
+            raise UsageError(f"{flag}: no weights file (model.safetensors, *.pth, *.bin) in the directory")
+        return files[0], config
+    if not path.is_file():
+        raise UsageError(f"{flag}: no such file or directory")
+    return path, {}
+
+
+def pretrained_overlay(model: nn.Module, arch: str, pretrained_file: str | Path, classifier: str) -> dict:
+    """``pretrained_cfg_overlay`` that makes timm load ``pretrained_file`` into ``arch``, after checking it fits.
+
+    The file is read with timm's ``load_state_dict`` (safetensors, or torch files whose weights sit at the top or
+    under ``state_dict``/``model``, EMA weights preferred, as timm does: so an mcc-train checkpoint works too).
+
+    ``model`` is a freshly built ``arch`` (the target). timm adapts the input conv and drops a classifier whose
+    class count differs from the overlay's ``num_classes``, then loads the rest non-strictly; the check here makes a
+    file of another architecture one clear error instead of a silently half-initialised model.
+    """
+    file, config = weights_file(Path(pretrained_file), arch)
+    flag = f"--pretrained-file {pretrained_file}"
+    try:
+        state = timm.models.load_state_dict(str(file), weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{flag}: not a readable weights file ({type(e).__name__}: {str(e)[:160]})") from None
+    # an mcc-train checkpoint: timm's loader has taken its "model" (or "model_ema") weights; an MC head's mean centers
+    # are its linear classifier, so only log_var goes
+    state.pop(f"{classifier}.log_var", None)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    filtered = state
+    if filter_fn is not None:  # the arch's own remapping of other checkpoint layouts, as timm applies it
+        try:
+            filtered = filter_fn(dict(state), model)
+        except Exception:
+            filtered = state
+    own = model.state_dict()
+    unexpected = [k for k in filtered if k not in own]
+    missing = [k for k in own if k not in filtered and not k.startswith(classifier + ".")]
+    if unexpected or missing:
+        raise UsageError(
+            f"{flag}: does not fit {arch} ({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} "
+            f"unexpected, e.g. {unexpected[:2]}); is it weights of another architecture?"
         )
-    _logger.info("initialised backbone from %s%s", path, " (classifier skipped: shape differs)" if skipped else "")
+    pretrained_cfg = config.get("pretrained_cfg", {}) if isinstance(config, dict) else {}
+    file_classes = state[f"{classifier}.weight"].shape[0] if f"{classifier}.weight" in state else -1
+    first_conv = model.pretrained_cfg.get("first_conv")
+    overlay = {"state_dict": state, "num_classes": file_classes}  # loaded once, then timm's load_pretrained
+    if isinstance(first_conv, str) and f"{first_conv}.weight" in filtered:
+        source_chans = filtered[f"{first_conv}.weight"].shape[1] * model.get_submodule(first_conv).groups
+        size = pretrained_cfg.get("input_size") or model.pretrained_cfg.get("input_size") or (3, 224, 224)
+        overlay["input_size"] = (int(source_chans), *size[1:])
+    return overlay

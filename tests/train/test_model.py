@@ -87,18 +87,18 @@ def test_unknown_arch_and_bad_head_args_get_clear_errors():
         create_model("resnet18", 10, head="cosine")
 
 
-def test_local_checkpoint_initialises_the_backbone(tmp_path):
+def test_local_weights_initialise_the_backbone_through_timm(tmp_path):
     torch.manual_seed(1)
     source = timm.create_model("resnet18", pretrained=False, num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "weights.pth")
-    model = create_model("resnet18", 10, checkpoint_path=tmp_path / "weights.pth")
+    model = create_model("resnet18", 10, pretrained_file=tmp_path / "weights.pth")
     assert torch.equal(model.conv1.weight, source.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
-    assert model.fc.weight.shape == (10, 512)  # the 1000-class classifier is skipped
+    assert model.fc.weight.shape == (10, 512)  # the 1000-class classifier is dropped
 
     (tmp_path / "junk.pth").write_bytes(b"not weights")
     with pytest.raises(UsageError, match="not a readable weights file"):
-        create_model("resnet18", 10, checkpoint_path=tmp_path / "junk.pth")
+        create_model("resnet18", 10, pretrained_file=tmp_path / "junk.pth")
     torch.save(timm.create_model("convnext_atto").state_dict(), tmp_path / "other.pth")
-    with pytest.raises(UsageError, match="does not fit"):
-        create_model("resnet18", 10, checkpoint_path=tmp_path / "other.pth")
+    with pytest.raises(UsageError, match="does not fit resnet18 .*another architecture"):
+        create_model("resnet18", 10, pretrained_file=tmp_path / "other.pth")

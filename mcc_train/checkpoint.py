@@ -9,13 +9,15 @@ Schema (version 1), a dict of plain types and tensors, loadable with ``torch.loa
 - ``epoch``: epochs completed; ``metrics``: that epoch's eval metrics; ``best_top1``, ``best_epoch``
 - ``config``: the TrainConfig as a dict; ``data_config``: timm's eval preprocessing (input_size, mean, std,
   interpolation, crop_pct)
+- optional: ``model_ema`` (with --model-ema: the EMA weights, the same keys as ``model``) and ``metrics_ema``;
+  ``schedule`` (``epochs``, ``updates_per_epoch``, ``sched``: what the saved scheduler state was planned for)
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -31,11 +33,15 @@ REQUIRED_KEYS = ("arch", "head", "num_classes", "in_chans", "class_names", "mode
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash at any point leaves either the old file or the new one, never a partial one.
+    A crash at any point leaves either the old file or the new one, never a partial one. The file gets the mode any
+    new file gets (0o666 less the umask: 0o644 under umask 022), not tempfile.mkstemp's 0o600.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # NOTE: created with 0o666 so the kernel applies the umask (or the directory's default ACL) as for any new file;
+    # reading the umask instead (os.umask(0) then os.umask(old)) would change it for every thread in between.
+    # O_EXCL and a random name: never a file someone else has open. ``write`` truncates it and keeps its mode.
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -44,6 +50,35 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_state(*, cfg, data, model, optimizer, scheduler, scaler, ema, epoch: int, metrics: dict, best: tuple,
+               schedule: dict) -> dict:  # fmt: skip
+    """The checkpoint dict of the schema above. ``data``: (class_names, in_chans, data_config); ``best``:
+    (best_top1, best_epoch); ``ema``: timm's ModelEmaV3 or None."""
+    class_names, in_chans, data_config = data
+    state = {
+        "arch": cfg.arch,
+        "head": cfg.head,
+        "num_classes": len(class_names),
+        "in_chans": in_chans,
+        "class_names": list(class_names),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith("ema_")},
+        "best_top1": best[0],
+        "best_epoch": best[1],
+        "schedule": schedule,
+    }
+    if ema is not None:
+        state["model_ema"] = ema.module.state_dict()
+        state["metrics_ema"] = {k.removeprefix("ema_"): v for k, v in metrics.items() if k.startswith("ema_")}
+    return state
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

@@ -11,15 +11,16 @@ import logging
 import os
 import sys
 
-from .config import TrainConfig, coerce, field_type, load_yaml, preset_values
+from .config import RENAMED, TrainConfig, coerce, field_type, load_yaml, preset_values
 from .errors import UsageError
 
 EPILOG = """examples:
-  mcc-train                                           # resnet18 + MC head on digits, 10 epochs
+  mcc-train --data digits --img-size 32 --epochs 5 --out runs/demo/train   # what `make demo` runs
   mcc-train --data fashion-mnist --arch resnet10t --img-size 28 --epochs 5 --out runs/fm
-  mcc-train --data imagefolder:/data/pets --arch convnext_atto --img-size 128 --head linear
-  mcc-train --config recipe.yaml --lr 5e-4            # YAML keys are the flag names
-  mcc-train --resume runs/fm/last.pt --epochs 8       # continue, extending the schedule
+  mcc-train --data imagefolder:/data/pets --arch convnext_atto --img-size 128 \
+            --pretrained-file weights/convnext_atto.safetensors --head-lr-scale 10 --freeze-backbone-epochs 1
+  mcc-train --config recipe.yaml --lr 5e-4                  # YAML keys are the flag names
+  mcc-train --resume runs/demo/train/last.pt --epochs 8     # continue; the schedule is re-planned for 8 epochs
   torchrun --standalone --nproc_per_node=2 -m mcc_train --data fashion-mnist --out runs/ddp
 """
 
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         base, optional = field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if "default:" not in help_text and "(none: off)" not in help_text:
+            help_text += f" (default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif base is dict:
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                 flag, dest=f.name, nargs=f.metadata["nargs"], type=base, metavar=("LO", "HI"), help=help_text
             )
         else:
-            parser.add_argument(flag, dest=f.name, type=_optional(base) if optional else base, help=help_text)
+            flags = [flag, *(f"--{old.replace('_', '-')}" for old, new in RENAMED.items() if new == f.name)]
+            parser.add_argument(*flags, dest=f.name, type=_optional(base) if optional else base, help=help_text)
     return parser
 
 
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr, force=True
     )
+    logging.getLogger("timm").setLevel(logging.WARNING)  # its per-file loading notes; mcc logs what it did
     cfg = None
     try:
         from .train import train
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"mcc-train: done: {summary['epochs']} epochs of {cfg.arch} ({cfg.head} head) "
             f"in {summary['wall_time_s']:.0f}s, "
-            f"best top-1 {summary['best_top1']:.2f}% at epoch {summary['best_epoch']}, "
+            f"best top-1 {summary['best_top1']:.2f}%{' (EMA weights)' if cfg.model_ema else ''} "
+            f"at epoch {summary['best_epoch']}, "
             f"last top-1 {summary['last'].get('top1', float('nan')):.2f}%; checkpoints in {summary['out']}/"
         )
     return 0

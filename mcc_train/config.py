@@ -13,8 +13,11 @@ from .errors import UsageError
 from .head import MC_DEFAULTS, MC_PRESETS, SAMPLING_MODES, SIGMA_MODES, MCSettings
 
 # timm.create_model arguments that mcc sets itself; --model-kwargs may not name them
-RESERVED_MODEL_KWARGS = {"arch", "head", "mc", "pretrained", "num_classes", "in_chans", "img_size", "checkpoint_path",
-                         "drop_rate"} | set(MCSettings.__dataclass_fields__)  # fmt: skip
+RESERVED_MODEL_KWARGS = {"arch", "head", "mc", "pretrained", "num_classes", "in_chans", "img_size", "pretrained_file",
+                         "pretrained_cfg", "pretrained_cfg_overlay", "drop_rate"}  # fmt: skip
+RESERVED_MODEL_KWARGS |= set(MCSettings.__dataclass_fields__)
+RENAMED = {"checkpoint_path": "pretrained_file"}  # old key (flag, YAML, older checkpoints) -> field
+SCHEDULERS = ("cosine", "tanh", "poly", "step", "multistep")  # timm's create_scheduler_v2 names that need no metric
 
 
 def _f(default, help: str, **meta):
@@ -28,13 +31,15 @@ class TrainConfig:
     # data
     data: str = _f("digits", "digits | fashion-mnist[:DIR] | imagefolder:ROOT | cifar10:DIR | cifar100:DIR")
     img_size: int = _f(32, "input height and width fed to the model")
-    in_chans: int | None = _f(None, "input channels; default: 1 for grayscale data, else 3")
+    in_chans: int | None = _f(None, "input channels (default: 1 when every image is grayscale, else 3)")
     crop_pct: float = _f(1.0, "eval center-crop fraction (timm crop_pct)")
     interpolation: str = _f("bicubic", "resize interpolation: bilinear | bicubic | nearest")
-    hflip: float | None = _f(None, "train horizontal-flip probability; default: 0 for digits, else 0.5")
+    hflip: float | None = _f(None, "train horizontal-flip probability (default: 0 for digits, else 0.5)")
     scale: tuple[float, float] = _f((0.5, 1.0), "train RandomResizedCrop area range", nargs=2)
     subset: int | None = _f(None, "use only this many training images (a fixed random subset)")
     workers: int = _f(2, "data-loading worker processes per rank")
+    skip_bad_images: bool = _f(False, "leave unreadable image files out (listed in the log and config.yaml)")
+    balanced_sampler: bool = _f(False, "draw training images class-balanced (with replacement), for imbalanced data")
     # model
     arch: str = _f("resnet18", "any timm model name with a single linear classifier")
     model_kwargs: dict = _f({}, "extra timm.create_model arguments, KEY=VALUE ... (e.g. patch_size=4)", nargs="+")
@@ -52,12 +57,23 @@ class TrainConfig:
     )
     kl_weight: float = _f(MC_DEFAULTS.kl_weight, "weight of the std loss L_sigma (0 removes it)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
-    checkpoint_path: str | None = _f(None, "local timm weights file that initialises the backbone")
+    pretrained_file: str | None = _f(
+        None, "fine-tune from local timm weights: .safetensors/.pth/.bin, or a directory with config.json (a bundle)"
+    )
+    head_lr_scale: float = _f(1.0, "learning-rate multiplier of the classifier (fine-tuning: e.g. 10)")
+    layer_decay: float | None = _f(None, "timm layer-wise lr decay, e.g. 0.75 (none: off)")
+    freeze_backbone_epochs: int = _f(0, "train only the classifier for this many first epochs")
     # optimisation (AdamW + cosine with warm-up, after the paper's recipe scaled to small data)
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(64, "batch size per rank")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step (effective batch: batch size x this x ranks)")
+    opt: str = _f("adamw", "optimizer, any name of timm.optim.list_optimizers() (sgd, adamw, lamb, ...)")
+    momentum: float = _f(0.9, "momentum of SGD-like optimizers")
+    sched: str = _f("cosine", f"learning-rate schedule from timm: {' | '.join(SCHEDULERS)}")
+    decay_epochs: float | None = _f(None, "step/multistep: epochs between decays (default: a third of --epochs)")
+    decay_rate: float = _f(0.1, "step/multistep: lr multiplier at each decay")
     lr: float = _f(1e-3, "peak learning rate")
-    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
+    min_lr: float = _f(1e-5, "final learning rate of the schedule")
     warmup_epochs: int = _f(1, "linear warm-up epochs (capped at --epochs - 1)")
     warmup_lr: float = _f(1e-5, "learning rate at the start of warm-up")
     weight_decay: float = _f(0.05, "AdamW weight decay (norms and biases excluded)")
@@ -66,6 +82,9 @@ class TrainConfig:
     cutmix: float = _f(0.0, "cutmix alpha (0: off)")
     clip_grad: float | None = _f(5.0, "clip the gradient norm to this (none: off)")
     seed: int = _f(0, "random seed")
+    model_ema: bool = _f(False, "keep timm's ModelEmaV3 of the weights: evaluated, checkpointed, mcc-export --ema")
+    model_ema_decay: float = _f(0.9998, "EMA decay (warmed up from 0 over the first steps)")
+    early_stop_patience: int | None = _f(None, "stop after this many epochs without a better top-1 (none: off)")
     # runtime
     device: str = _f("auto", "auto | cpu | cuda")
     amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)")
@@ -73,7 +92,8 @@ class TrainConfig:
     out: str = _f("runs/mcc", "output directory for checkpoints, metrics.csv, config.yaml, curves.png")
     resume: str | None = _f(None, "continue from this last.pt (its config, overridden by flags given here)")
     overwrite: bool = _f(False, "allow starting a new run in an --out that already holds checkpoints")
-    progress: bool = _f(True, "show a progress bar per epoch")
+    progress: bool = _f(True, "show progress bars for training and evaluation")
+    tensorboard: bool = _f(True, "also log to OUT/tensorboard when the tensorboard package is installed")
 
     def validate(self) -> TrainConfig:
         """Raise UsageError naming the first out-of-range value; returns self."""
@@ -88,6 +108,31 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {self.grad_accum_steps}"),
+            (self.head_lr_scale > 0, f"--head-lr-scale must be > 0, got {self.head_lr_scale}"),
+            (
+                self.layer_decay is None or 0 < self.layer_decay <= 1,
+                f"--layer-decay must be in (0, 1], got {self.layer_decay}",
+            ),
+            (
+                0 <= self.freeze_backbone_epochs < self.epochs,
+                f"--freeze-backbone-epochs must be in [0, --epochs), got {self.freeze_backbone_epochs}",
+            ),
+            (0 < self.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {self.model_ema_decay}"),
+            (
+                self.early_stop_patience is None or self.early_stop_patience >= 1,
+                f"--early-stop-patience must be >= 1, got {self.early_stop_patience}",
+            ),
+            (self.sched in SCHEDULERS, f"--sched must be one of {', '.join(SCHEDULERS)}, got {self.sched!r}"),
+            (
+                self.opt.lower() in _optimizers(),
+                f"--opt {self.opt!r}: not a timm optimizer; see timm.optim.list_optimizers()",
+            ),
+            (
+                self.decay_epochs is None or self.decay_epochs > 0,
+                f"--decay-epochs must be > 0, got {self.decay_epochs}",
+            ),
+            (0 < self.decay_rate <= 1, f"--decay-rate must be in (0, 1], got {self.decay_rate}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.img_size >= 8, f"--img-size must be >= 8, got {self.img_size}"),
@@ -147,13 +192,19 @@ class TrainConfig:
         ``mc_preset`` fills the MC fields that ``values`` does not set itself.
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = {RENAMED.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in values.items()}
         unknown = sorted(set(values) - names)
         if unknown:
             raise UsageError(f"unknown config key(s) {', '.join(unknown)}; see mcc-train --help for valid ones")
         values = preset_values(values.get("mc_preset")) | values
         fields = {f.name: f for f in dataclasses.fields(cls)}
         return cls(**{k: coerce(fields[k], v) for k, v in values.items()})
+
+
+def _optimizers() -> set[str]:
+    from timm.optim import list_optimizers
+
+    return set(list_optimizers())
 
 
 def preset_values(name) -> dict:
@@ -236,8 +287,14 @@ def load_yaml(path: str | Path) -> dict:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}  # keys as the flags spell them, or as fields
+    values.pop("skipped_images", None)  # written by save_yaml for the record, not an option
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}  # keys as the flags spell them, or as fields
+    return {RENAMED.get(k, k): v for k, v in values.items()}
 
 
-def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_yaml(cfg: TrainConfig, path: str | Path, skipped_images: list[str] | None = None) -> None:
+    """config.yaml of a run: every option, then (for the record) the image files --skip-bad-images left out."""
+    values = cfg.to_dict()
+    if skipped_images:
+        values["skipped_images"] = list(skipped_images)
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

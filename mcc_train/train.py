@@ -6,7 +6,7 @@ Read top to bottom: ``train`` builds the data, model, optimizer and schedule, th
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import logging
 import math
 import os
@@ -14,42 +14,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
-from timm.utils import random_seed
+from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .config import TrainConfig, save_yaml
+from .checkpoint import load_checkpoint, make_state, save_checkpoint
+from .config import TrainConfig
 from .data import ArrayDataset, build_data_config, build_transforms, cache_in_memory, load_data, set_transforms
 from .errors import UsageError
 from .head import MultiCenterHead, MultiCenterLoss
-from .model import create_model, get_mc_head
-from .plots import plot_curves
+from .model import classifier_path, create_model, get_mc_head
+from .runlog import RunLog
 
 _logger = logging.getLogger("mcc_train")
-
-METRIC_FIELDS = [
-    "epoch",
-    "train_loss",
-    "eval_loss",
-    "top1",
-    "top5",
-    "lr",
-    "sub_center_std",
-    "offset_ratio",
-    "logit_margin",
-    "logit_spread",
-    "epoch_time_s",
-]
 
 
 @dataclass
@@ -99,43 +86,65 @@ def top_k_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list
     return [hits[:, : min(k, logits.shape[-1])].any(-1).sum() for k in ks]
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, mixup, cfg, rt, epoch, scaler, num_classes) -> float:
-    """One pass over the training data; returns the mean training loss over all ranks."""
-    model.train()
-    steps = len(loader)
+@dataclass
+class Step:
+    """What one optimizer step needs; ``ddp_model`` is ``model`` itself outside DDP."""
+
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # a timm scheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    mixup: Mixup | None
+    ema: ModelEmaV3 | None
+    updates_per_epoch: int
+
+
+def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: int, num_classes: int) -> float:
+    """One pass over the training data, ``cfg.grad_accum_steps`` micro-batches per optimizer step; returns the mean
+    training loss over all ranks."""
+    step.ddp_model.train()
+    steps, accum = len(loader), cfg.grad_accum_steps
     total, count = torch.zeros((), device=rt.device), 0
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        disable=None if rt.is_main and cfg.progress else True,
-        leave=False,
-    )
-    for step, (images, target) in enumerate(bar):
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rt.is_main and cfg.progress else True,
+               leave=False)  # fmt: skip
+    step.optimizer.zero_grad(set_to_none=True)
+    for i, (images, target) in enumerate(bar):
         images = images.to(rt.device, non_blocking=True)
         target = target.to(rt.device, non_blocking=True)
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            images, soft = mixup(images, target)  # soft: (B, C), label smoothing included
+        if step.mixup is not None:
+            images, soft = step.mixup(images, target)  # soft: (B, C), label smoothing included
         else:
             soft = mixup_target(target, num_classes, smoothing=cfg.label_smoothing)  # (B, C)
-        with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-            logits = model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
-        loss = loss_fn(logits.float(), soft)
+        cycle_start = i - i % accum
+        cycle_len = min(accum, steps - cycle_start)  # the epoch's last cycle may be shorter
+        update = i + 1 == cycle_start + cycle_len
+        sync = rt.distributed and not update  # DDP all-reduces gradients only on the cycle's last micro-batch
+        with step.ddp_model.no_sync() if sync else contextlib.nullcontext():
+            with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+                logits = step.ddp_model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
+            loss = step.loss_fn(logits.float(), soft)
+            step.scaler.scale(loss / cycle_len).backward()
         loss_value = loss.item()  # the step's one host sync: the divergence check and the progress bar share it
         if not math.isfinite(loss_value):
-            raise UsageError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss_value}); lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step_update(num_updates=epoch * steps + step + 1)
+            raise UsageError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {loss_value}); lower --lr")
+        if update:
+            if cfg.clip_grad is not None:
+                step.scaler.unscale_(step.optimizer)
+                torch.nn.utils.clip_grad_norm_(step.model.parameters(), cfg.clip_grad)
+            step.scaler.step(step.optimizer)
+            step.scaler.update()
+            step.optimizer.zero_grad(set_to_none=True)
+            num_updates = epoch * step.updates_per_epoch + i // accum + 1
+            step.scheduler.step_update(num_updates=num_updates)
+            if step.ema is not None:
+                step.ema.update(step.model, step=num_updates)
         total += loss.detach() * len(images)
         count += len(images)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
     sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=rt.device)]), rt)
     return (sums[0] / sums[1]).item()
 
@@ -147,8 +156,8 @@ def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None) -> dict:
-    """Eval-mode loss, top-1 and top-5 (percent) over the whole val set, summed across ranks.
+def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None, progress: bool = False) -> dict:
+    """Eval-mode loss, top-1 and top-5 (percent; top-5 only where C > 5) over the whole val set, summed across ranks.
 
     Also the scale of the logits: ``logit_margin``, the mean of (target logit - best other logit), and for an MC
     ``head`` ``logit_spread``, the mean std of the target class's sub-center logits around its mean-center logit.
@@ -157,20 +166,23 @@ def evaluate(model, loader, rt: Runtime, head: MultiCenterHead | None = None) ->
     features = []
     hook = head.register_forward_hook(lambda m, args, out: features.append(args[0])) if head is not None else None
     try:
-        sums = eval_sums(model, loader, rt, head, features)
+        bar = tqdm(loader, desc="eval", disable=None if rt.is_main and progress else True, leave=False)
+        sums, num_classes = eval_sums(model, bar, rt, head, features)
     finally:
         if hook is not None:
             hook.remove()
     loss, top1, top5, n, margin, spread = all_reduce_sum(sums, rt).tolist()
-    metrics = {"eval_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "logit_margin": margin / n}
+    metrics = {"eval_loss": loss / n, "top1": 100 * top1 / n, "logit_margin": margin / n}
+    if num_classes > 5:
+        metrics["top5"] = 100 * top5 / n
     if head is not None:
         metrics["logit_spread"] = spread / n
     return metrics
 
 
-def eval_sums(model, loader, rt: Runtime, head: MultiCenterHead | None, features: list) -> torch.Tensor:
-    """Sums over this rank's val shard: loss, top-1 and top-5 hits, count, logit margin, sub-center spread."""
-    sums = torch.zeros(6, dtype=torch.float64, device=rt.device)
+def eval_sums(model, loader, rt: Runtime, head: MultiCenterHead | None, features: list) -> tuple[torch.Tensor, int]:
+    """Sums over this rank's val shard (loss, top-1 and top-5 hits, count, logit margin, sub-center spread), and C."""
+    sums, num_classes = torch.zeros(6, dtype=torch.float64, device=rt.device), 0
     for images, target in loader:
         images = images.to(rt.device, non_blocking=True)
         target = target.to(rt.device, non_blocking=True)
@@ -178,6 +190,7 @@ def eval_sums(model, loader, rt: Runtime, head: MultiCenterHead | None, features
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             logits = model(images).float()  # (B, C): the mean centers only
+        num_classes = logits.shape[-1]
         top1, top5 = top_k_correct(logits, target)
         true = logits.gather(1, target[:, None]).squeeze(1)  # (B,)
         other = logits.scatter(1, target[:, None], float("-inf")).amax(1)  # (B,)
@@ -192,13 +205,17 @@ def eval_sums(model, loader, rt: Runtime, head: MultiCenterHead | None, features
                 torch.as_tensor(spread, device=rt.device),
             ]
         ).double()
-    return sums
+    return sums, num_classes
 
 
 def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
-    """Train loader (shuffled, sharded over ranks, whole batches) and val loader (sharded without padding)."""
+    """Train loader (shuffled or class-balanced, sharded over ranks, whole batches) and val loader (sharded without
+    padding)."""
     pin = rt.device.type == "cuda"
-    train_sampler = DistributedSampler(splits.train, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed)
+    if cfg.balanced_sampler:
+        train_sampler = BalancedSampler(train_labels(splits.train), rt.world_size, rt.rank, seed=cfg.seed)
+    else:
+        train_sampler = DistributedSampler(splits.train, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed)
     train = DataLoader(
         splits.train,
         cfg.batch_size,
@@ -227,8 +244,38 @@ def build_loaders(splits, cfg: TrainConfig, rt: Runtime):
     return train, train_sampler, val
 
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
-    """Create --out; refuse to overwrite an earlier run's checkpoints unless resuming or --overwrite."""
+def train_labels(dataset) -> np.ndarray:
+    """Labels of a training set, through a ``Subset`` (``--subset``)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return np.asarray(dataset.dataset.labels)[np.asarray(dataset.indices)]
+    return np.asarray(dataset.labels)
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """Each epoch draws ``len(labels)`` indices with replacement, every class equally likely (weights 1/count);
+    the draw is the same on every rank (seeded by seed and epoch), each rank takes every world_size-th index."""
+
+    def __init__(self, labels: np.ndarray, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        counts = np.bincount(labels)
+        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)  # (N,)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(labels) / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draw = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True, generator=g)
+        return iter(draw[self.rank :: self.num_replicas].tolist())
+
+
+def check_out_dir(cfg: TrainConfig) -> Path:
+    """Refuse an --out that is a file, or holds an earlier run, unless resuming or --overwrite; creates nothing
+    (the run creates it once everything is built: a failed start leaves no empty directory)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
@@ -237,8 +284,64 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
             f"--out {out} already holds a run; continue it with --resume {out / 'last.pt'}, "
             "pick another --out, or pass --overwrite"
         )
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, classifier: str) -> torch.optim.Optimizer:
+    """timm's optimizer and parameter groups (no weight decay on 1-d parameters; layer-wise lr decay with
+    --layer-decay); with --head-lr-scale each group is split and the classifier's part gets ``lr_scale`` times it
+    (timm's schedulers multiply a group's lr by its ``lr_scale``)."""
+    kwargs = {"opt": cfg.opt, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "momentum": cfg.momentum}
+    if cfg.head_lr_scale == 1.0:
+        return create_optimizer_v2(model, layer_decay=cfg.layer_decay, **kwargs)
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_decay, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
+    head = {id(p) for p in model.get_submodule(classifier).parameters()}
+    split = []
+    for group in groups:
+        for in_head in (False, True):
+            params = [p for p in group["params"] if (id(p) in head) == in_head]
+            if params:
+                scale = group.get("lr_scale", 1.0) * (cfg.head_lr_scale if in_head else 1.0)
+                split.append({**group, "params": params, "lr_scale": scale})
+    return create_optimizer_v2(model, param_group_fn=lambda _: split, **kwargs)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, updates_per_epoch: int):
+    """timm's scheduler by name, stepped per update, with linear warm-up."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=cfg.epochs,
+        decay_epochs=cfg.decay_epochs or max(1.0, cfg.epochs / 3),
+        decay_milestones=[round(cfg.epochs * f) for f in (1 / 3, 2 / 3)],
+        decay_rate=cfg.decay_rate,
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr,
+        warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def set_backbone_trainable(model: torch.nn.Module, classifier: str, trainable: bool) -> None:
+    """--freeze-backbone-epochs: every parameter outside the classifier stops (or resumes) taking gradients.
+    NOTE: BatchNorm running statistics still adapt while frozen; frozen parameters get no weight decay either."""
+    head = {id(p) for p in model.get_submodule(classifier).parameters()}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(trainable)
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """DDP over the parameters that take gradients now (rebuilt when --freeze-backbone-epochs ends)."""
+    if not rt.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -255,9 +358,9 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     start_time = time.time()
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
-    out = prepare_out_dir(cfg) if rt.is_main else Path(cfg.out)
+    out = check_out_dir(cfg)
 
-    splits = load_data(cfg.data, cfg.subset)
+    splits = load_data(cfg.data, cfg.subset, cfg.skip_bad_images)
     in_chans = cfg.in_chans or (1 if splits.grayscale else 3)
     hflip = cfg.hflip if cfg.hflip is not None else (0.0 if splits.name == "digits" else 0.5)
     random_seed(cfg.seed, 0)  # the same initial weights on every rank
@@ -268,7 +371,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         in_chans=in_chans,
         mc=cfg.mc(),
         img_size=cfg.img_size,
-        checkpoint_path=cfg.checkpoint_path,
+        pretrained_file=cfg.pretrained_file if resume is None else None,  # a resumed run has its own weights
         drop_rate=cfg.drop_rate,
         **cfg.model_kwargs,
     )
@@ -280,145 +383,128 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    head = get_mc_head(model)
-    loss_fn = MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy()
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched="cosine",
-        num_epochs=cfg.epochs,
-        min_lr=cfg.min_lr,
-        warmup_lr=cfg.warmup_lr,
-        warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),
-        step_on_epochs=False,
-        updates_per_epoch=len(train_loader),
+    head, classifier = get_mc_head(model), classifier_path(model)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    schedule = {"epochs": cfg.epochs, "updates_per_epoch": updates_per_epoch, "sched": cfg.sched}
+    optimizer = build_optimizer(model, cfg, classifier)
+    step = Step(
+        model=model,
+        ddp_model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg, updates_per_epoch),
+        scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16),
+        loss_fn=MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy(),
+        mixup=None,
+        ema=ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None,
+        updates_per_epoch=updates_per_epoch,
     )
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=splits.num_classes,
-        )
+        step.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                           num_classes=splits.num_classes)  # fmt: skip
+    start_epoch, best = restore(resume, step, cfg, schedule) if resume is not None else (0, (-1.0, 0))
 
-    start_epoch, best_top1, best_epoch = 0, -1.0, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        start_epoch, best_top1, best_epoch = resume["epoch"], resume["best_top1"], resume["best_epoch"]
-        if start_epoch >= cfg.epochs:
-            raise UsageError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; raise --epochs to go on")
-    ddp_model = (
-        DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
-        if rt.distributed
-        else model
-    )
-
-    if rt.is_main:
-        save_yaml(cfg, out / "config.yaml")
-        n_params = sum(p.numel() for p in model.parameters())
+    log = RunLog(out, cfg, start_epoch) if rt.is_main else None
+    if log is not None:
+        log.start(splits.skipped)
         _logger.info(
-            "%s %s head, %d classes, %d train / %d val images, %.2fM params, %s x%d%s, %d steps/epoch per rank",
+            "%s %s head, %d classes, %d train / %d val images, in_chans %d (%s), %.2fM params, %s x%d%s, "
+            "%d steps/epoch per rank",
             cfg.arch,
             cfg.head,
             splits.num_classes,
             len(splits.train),
             len(splits.val),
-            n_params / 1e6,
+            in_chans,
+            "--in-chans" if cfg.in_chans else splits.channels_note,
+            sum(p.numel() for p in model.parameters()) / 1e6,
             rt.device,
             rt.world_size,
             f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "",
             len(train_loader),
         )
-    metrics = {}
-    rows = read_metrics(out / "metrics.csv", start_epoch) if rt.is_main else []
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.time()
-        random_seed(cfg.seed * 1000 + epoch, rt.rank)  # per epoch: a resumed run draws what the unbroken one would
-        train_sampler.set_epoch(epoch)
-        scheduler.step(epoch)
-        train_loss = train_one_epoch(
-            ddp_model, train_loader, optimizer, scheduler, loss_fn, mixup, cfg, rt, epoch, scaler, splits.num_classes
-        )
-        lr = optimizer.param_groups[0]["lr"]  # at the epoch's last step
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(ddp_model, val_loader, rt, head), "lr": lr}
-        if head is not None:
-            metrics["sub_center_std"] = head.std().mean().item()
-            metrics["offset_ratio"] = head.offset_ratio().mean().item()
-        metrics["epoch_time_s"] = time.time() - epoch_start
-        is_best = metrics["top1"] > best_top1
-        if is_best:
-            best_top1, best_epoch = metrics["top1"], epoch + 1
-        if rt.is_main:
-            state = {
-                "arch": cfg.arch,
-                "head": cfg.head,
-                "num_classes": splits.num_classes,
-                "in_chans": in_chans,
-                "class_names": splits.class_names,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+    metrics, epoch, trainable = {}, start_epoch, None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_start = time.time()
+            random_seed(cfg.seed * 1000 + epoch, rt.rank)  # per epoch: a resumed run draws what the unbroken one would
+            train_sampler.set_epoch(epoch)
+            if trainable is not (epoch >= cfg.freeze_backbone_epochs):  # the first epoch, and when a freeze ends
+                trainable = epoch >= cfg.freeze_backbone_epochs
+                set_backbone_trainable(model, classifier, trainable)
+                step.ddp_model = wrap_ddp(model, rt)
+            step.scheduler.step(epoch)
+            train_loss = train_one_epoch(step, train_loader, cfg, rt, epoch, splits.num_classes)
+            metrics = {
                 "epoch": epoch + 1,
-                "config": cfg.to_dict(),
-                "data_config": _plain(data_config),
-                "metrics": metrics,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
+                "train_loss": train_loss,
+                **evaluate(step.ddp_model, val_loader, rt, head, progress=cfg.progress),
+                "lr": optimizer.param_groups[0]["lr"],  # at the epoch's last step
             }
-            rows.append(metrics)
-            write_metrics(out / "metrics.csv", rows)  # before the checkpoint: a resume trims rows past it
-            save_checkpoint(state, out / "last.pt")
+            if step.ema is not None:
+                ema_metrics = evaluate(step.ema.module, val_loader, rt, get_mc_head(step.ema.module), cfg.progress)
+                metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
+            if head is not None:
+                metrics["sub_center_std"] = head.std().mean().item()
+                metrics["offset_ratio"] = head.offset_ratio().mean().item()
+            metrics["epoch_time_s"] = time.time() - epoch_start
+            score = metrics["ema_top1"] if step.ema is not None else metrics["top1"]  # as timm's train.py ranks
+            is_best = score > best[0]
             if is_best:
-                save_checkpoint(state, out / "best.pt")
-            plot_curves(out / "metrics.csv", out / "curves.png")
-            _logger.info(
-                "epoch %d/%d  train_loss %.4f  eval_loss %.4f  top1 %.2f  top5 %.2f  lr %.2e%s  (%.1fs)",
-                epoch + 1,
-                cfg.epochs,
-                train_loss,
-                metrics["eval_loss"],
-                metrics["top1"],
-                metrics["top5"],
-                lr,
-                f"  std {metrics['sub_center_std']:.4f}" if head is not None else "",
-                metrics["epoch_time_s"],
-            )
+                best = (score, epoch + 1)
+            if log is not None:
+                log.epoch(metrics)  # before the checkpoint: a resume trims rows past it
+                state = make_state(cfg=cfg, data=(splits.class_names, in_chans, data_config), model=model,
+                                   optimizer=optimizer, scheduler=step.scheduler, scaler=step.scaler, ema=step.ema,
+                                   epoch=epoch + 1, metrics=metrics, best=best, schedule=schedule)  # fmt: skip
+                save_checkpoint(state, out / "last.pt")
+                if is_best:
+                    save_checkpoint(state, out / "best.pt")
+            if cfg.early_stop_patience is not None and epoch + 1 - best[1] >= cfg.early_stop_patience:
+                _logger.info("early stop: no better top-1 for %d epochs (best %.2f at epoch %d)",
+                             cfg.early_stop_patience, *best)  # fmt: skip
+                break
+    finally:
+        if log is not None:
+            log.close()
     return {
-        "epochs": cfg.epochs,
-        "best_top1": best_top1,
-        "best_epoch": best_epoch,
+        "epochs": epoch + 1 if metrics else start_epoch,
+        "best_top1": best[0],
+        "best_epoch": best[1],
         "last": metrics,
         "out": str(out),
         "wall_time_s": time.time() - start_time,
     }
 
 
-def _plain(data_config: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+def restore(resume: dict, step: Step, cfg: TrainConfig, schedule: dict) -> tuple[int, tuple[float, int]]:
+    """Load a checkpoint's model, optimizer, scaler, EMA and (when it was planned for the same run length) scheduler
+    state; returns (epochs done, (best top-1, its epoch)).
 
-
-def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
-    """Rows of an earlier metrics.csv for epochs <= up_to_epoch (a resumed run redoes the later ones)."""
-    if up_to_epoch == 0 or not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit() and int(row["epoch"]) <= up_to_epoch]
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    """Rewrite metrics.csv, one row per epoch, atomically."""
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS} for row in rows)
-
-    atomic_write(path, write)
+    A different --epochs, --sched or number of updates per epoch re-plans the schedule for the new run: the
+    remaining epochs follow the new schedule as a run planned that way from the start would, and the log says so.
+    """
+    step.model.load_state_dict(resume["model"])
+    step.optimizer.load_state_dict(resume["optimizer"])
+    old = resume.get("schedule") or {"epochs": resume["config"].get("epochs"), "sched": "cosine",
+                                     "updates_per_epoch": step.updates_per_epoch}  # fmt: skip
+    if old == schedule:
+        step.scheduler.load_state_dict(resume["scheduler"])
+    else:
+        step.scheduler.step_update(resume["epoch"] * step.updates_per_epoch)
+        _logger.info(
+            "resume: schedule re-planned for %d epochs of %d updates (%s; was %s epochs of %s, %s); lr now %.2e",
+            cfg.epochs, step.updates_per_epoch, cfg.sched, old["epochs"], old["updates_per_epoch"], old["sched"],
+            step.optimizer.param_groups[0]["lr"],
+        )  # fmt: skip
+    if resume.get("scaler"):
+        step.scaler.load_state_dict(resume["scaler"])
+    if step.ema is not None:
+        if "model_ema" in resume:
+            step.ema.module.load_state_dict(resume["model_ema"])
+        else:
+            step.ema.module.load_state_dict(resume["model"])
+            _logger.info("resume: the checkpoint has no EMA weights; the EMA starts from its model weights")
+    start_epoch = resume["epoch"]
+    if start_epoch >= cfg.epochs:
+        raise UsageError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; raise --epochs to go on")
+    return start_epoch, (resume["best_top1"], resume["best_epoch"])

@@ -1,0 +1,179 @@
+"""Inference on image files without a server and without torch: the work of ``mcc-predict`` (and of ``mcc-eval``
+on a bundle).
+
+Find the image files a user names, preprocess them exactly as ``mcc-serve`` does (``Preprocessor``), batch them
+through a model and keep each image's top-k classes. A file Pillow cannot read is skipped with its reason, never
+fatal. The model is anything with class names, a ``Preprocessor`` and a runner ``(N, C, H, W) -> (N, classes)``:
+a bundle's ONNX session here, or (in ``export``, which may import torch) a checkpoint's torch model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import Engine, providers_for, softmax
+from .preprocess import ImageError, Preprocessor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}  # mcc_train's
+LIST_SUFFIXES = {".txt", ".lst"}  # a PATH with one of these lists image paths, one per line
+MAX_PIXELS = 40_000_000  # the largest image decoded, as mcc-serve's default --max-image-pixels
+
+
+class InputError(ValueError):
+    """Bad input to an offline command (no such model, a bad option): the message names it and the fix."""
+
+
+@dataclass
+class OfflineModel:
+    """A model ready for offline inference."""
+
+    name: str  # the bundle directory or checkpoint file it was loaded from
+    class_names: list[str]
+    preprocess: Preprocessor
+    run: Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 -> (N, num_classes) logits
+    preprocess_config: dict[str, Any]  # timm's eval transform: input_size, mean, std, interpolation, crop_pct, ...
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether MODEL is a bundle directory (else a checkpoint file); InputError when it is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such bundle directory or checkpoint file")
+    return path.is_dir()
+
+
+def load_bundle(path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS) -> OfflineModel:
+    """A bundle's ONNX model in one onnxruntime session (BundleError when it cannot be used)."""
+    providers_for(device)  # --device cuda without onnxruntime's CUDA provider: refused in its own words
+    engine = Engine.load(path, device)
+    meta = engine.meta
+    pre = Preprocessor.from_model_json(meta, max_pixels)
+    return OfflineModel(str(path), list(meta["class_names"]), pre, engine.run, dict(meta["preprocess"]))
+
+
+def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
+    """The image files named by ``paths``, in the order given, and a message for each path that does not exist.
+
+    Each path is an image file (taken as one whatever its suffix), a folder (its files with an image suffix,
+    searched recursively, sorted), or a list file (``.txt``, ``.lst``: one image file or folder per line, relative
+    to the current directory; blank lines and lines starting with ``#`` are ignored).
+    """
+    found: list[Path] = []
+    missing: list[str] = []
+
+    def add(path: Path, listed_in: Path | None) -> None:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file() and listed_in is None and path.suffix.lower() in LIST_SUFFIXES:
+            for line in path.read_text(errors="replace").splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    add(Path(line.strip()), path)
+        elif path.is_file():
+            found.append(path)
+        else:
+            missing.append(f"{path}: no such file or directory" + (f" (listed in {listed_in})" if listed_in else ""))
+
+    for path in paths:
+        add(Path(path), None)
+    return found, missing
+
+
+def load_file(pre: Preprocessor, path: Path) -> np.ndarray:
+    """An image file -> float32 (C, H, W), decoded and preprocessed as mcc-serve does (ImageError if unreadable)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{path} cannot be read ({e.strerror or e})") from None
+    return pre.load(data, str(path))
+
+
+@dataclass
+class Batch:
+    items: list  # the items that loaded, in input order
+    x: np.ndarray | None  # (N, C, H, W) float32, one row per item; None when none loaded
+    skipped: list[str]  # the ImageError message of each item that did not load
+
+
+def preprocess_batches(
+    items: Sequence, load: Callable[[Any], np.ndarray], batch_size: int, workers: int = 0
+) -> Iterator[Batch]:
+    """``load`` every item into a (C, H, W) array, ``batch_size`` items at a time, in order.
+
+    Args:
+        items: what ``load`` takes (file paths, dataset indices).
+        load: item -> float32 (C, H, W); an ImageError leaves the item out of its batch, with its message.
+        batch_size: items per batch (the last batch may be smaller).
+        workers: threads that load the next batch while the caller runs the model on this one (Pillow and numpy
+            release the GIL while they decode and resize); 0 loads in the caller's thread, one batch at a time.
+    """
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if workers == 0:
+        for chunk in chunks:
+            yield _collect(chunk, [_attempt(load, item) for item in chunk])
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="mcc-load") as pool:
+        pending: deque[tuple[Sequence, list[Future]]] = deque()
+        for chunk in chunks:
+            pending.append((chunk, [pool.submit(_attempt, load, item) for item in chunk]))
+            if len(pending) > 1:  # one batch ahead of the caller, so at most two batches are held
+                yield _collect(*_results(pending.popleft()))
+        while pending:
+            yield _collect(*_results(pending.popleft()))
+
+
+def _attempt(load: Callable[[Any], np.ndarray], item) -> np.ndarray | ImageError:
+    try:
+        return load(item)
+    except ImageError as e:
+        return e
+
+
+def _results(job: tuple[Sequence, list[Future]]) -> tuple[Sequence, list]:
+    chunk, futures = job
+    return chunk, [f.result() for f in futures]
+
+
+def _collect(chunk: Sequence, results: list) -> Batch:
+    kept = [(item, x) for item, x in zip(chunk, results, strict=True) if not isinstance(x, ImageError)]
+    skipped = [str(x) for x in results if isinstance(x, ImageError)]
+    x = np.stack([x for _, x in kept]) if kept else None  # (N, C, H, W)
+    return Batch([item for item, _ in kept], x, skipped)
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) probabilities -> the k most probable classes of each row, most probable first: (N, k) indices and
+    (N, k) probabilities."""
+    index = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
+    return index, np.take_along_axis(probs, index, axis=1)
+
+
+@dataclass
+class Prediction:
+    path: Path
+    labels: list[str]  # the top-k class names, most probable first
+    probs: list[float]  # their probabilities
+
+
+def predict_files(
+    model: OfflineModel, files: Sequence[Path], k: int, batch_size: int = 64, workers: int = 0
+) -> Iterator[tuple[list[Prediction], list[str]]]:
+    """Top-k predictions for image files, one batch at a time: (predictions, messages of the files skipped)."""
+    for batch in preprocess_batches(files, partial(load_file, model.preprocess), batch_size, workers):
+        predictions = []
+        if batch.items:
+            index, probs = top_k(softmax(model.run(batch.x)), k)  # (N, k), (N, k)
+            for path, row, p in zip(batch.items, index, probs, strict=True):
+                predictions.append(Prediction(path, [model.class_names[j] for j in row], p.tolist()))
+        yield predictions, batch.skipped

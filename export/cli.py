@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from mcc_train import UsageError
 
 EPILOG = """examples:
   mcc-export runs/demo/best.pt --out bundles/demo             # collapse, write ONNX, prove it is vanilla
   mcc-export runs/demo/best.pt --out bundles/demo --fp16 --overwrite
+  mcc-export runs/demo/best.pt --out bundles/demo-ema --ema    # the EMA weights (mcc-train --model-ema)
   mcc-export --verify bundles/demo                            # re-check a bundle (non-zero exit on failure)
 """
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: as trained)")
     p.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx and report its error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (mcc-train --model-ema)")
     p.add_argument("--verify", metavar="BUNDLE_DIR", help="verify an existing bundle instead of exporting")
     p.add_argument("--source", metavar="CHECKPOINT", help="with --verify: the source checkpoint, if it moved")
     p.add_argument("--latency-runs", type=int, default=50, help="interleaved runs per model for the latency ratio")
@@ -48,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.latency_runs < 1:
             raise UsageError(f"--latency-runs must be >= 1, got {args.latency_runs}")
         if args.verify:
-            if args.checkpoint or args.out:
-                raise UsageError("--verify BUNDLE_DIR takes no CHECKPOINT or --out")
+            if args.checkpoint or args.out or args.ema:
+                raise UsageError(
+                    "--verify BUNDLE_DIR takes no CHECKPOINT, --out or --ema (model.json says which weights it holds)"
+                )
             report = verify_bundle(args.verify, args.source, latency_runs=args.latency_runs)
             print(report.table())
             return 0 if report.passed else 1
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             image_size=tuple(args.image_size) if args.image_size else None,
             latency_runs=args.latency_runs,
+            weights="ema" if args.ema else "model",
         )
         try:
             report = export_checkpoint(cfg)
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         print(report.table())
-        print(f"mcc-export: wrote {args.out}/ (model.onnx, model.safetensors, model.json, parity.json)")
+        names = ", ".join(sorted(p.name for p in Path(args.out).iterdir()))
+        print(f"mcc-export: wrote {args.out}/ ({names})")
         return 0
     except UsageError as e:
         print(f"mcc-export: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import timm
 import torch
 from torch import nn
 
+from mcc_serve.bundle import WEIGHTS
 from mcc_train import UsageError, classifier_path, create_model, get_mc_head, load_checkpoint
 from mcc_train.head import MC_PRESETS, MCSettings
 from mcc_train.model import timm_size_kwargs
@@ -22,6 +23,7 @@ class LoadedCheckpoint:
     ckpt: dict
     model: nn.Module  # the model as trained (MC or linear head), eval mode
     classifier: str  # dotted path of the classifier module, e.g. "fc", "head.fc"
+    weights: str = "model"  # which of the checkpoint's weights the model holds: "model" or "ema"
 
     @property
     def arch(self) -> str:
@@ -39,10 +41,33 @@ class LoadedCheckpoint:
     def img_size(self) -> int:
         return int(self.ckpt["data_config"]["input_size"][-1])
 
+    @property
+    def metrics(self) -> dict:
+        """The eval metrics of the weights loaded: ``metrics_ema`` for the EMA weights ({} if not recorded)."""
+        return dict(self.ckpt.get(METRICS_KEYS[self.weights], {}))
 
-def load_trained(path: str | Path) -> LoadedCheckpoint:
-    """Rebuild the trained model from an mcc checkpoint (strict load), in eval mode."""
+
+# the checkpoint keys of each choice of weights (``mcc_serve.bundle.WEIGHTS``): the state_dict and its metrics
+STATE_KEYS = {"model": "model", "ema": "model_ema"}
+METRICS_KEYS = {"model": "metrics", "ema": "metrics_ema"}
+
+
+def load_trained(path: str | Path, weights: str = "model") -> LoadedCheckpoint:
+    """Rebuild the trained model from an mcc checkpoint (strict load), in eval mode.
+
+    Args:
+        path: an mcc-train checkpoint.
+        weights: ``"model"``, the weights as trained, or ``"ema"``, their exponential moving average (a checkpoint
+            of ``mcc-train --model-ema``; the same keys and shapes as ``"model"``).
+
+    Raises:
+        UsageError: not a readable mcc checkpoint, no EMA weights in it, or weights that do not fit the arch.
+    """
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = load_checkpoint(path)
+    if ckpt.get(STATE_KEYS[weights]) is None:
+        raise UsageError(f"{path} has no EMA weights; train with --model-ema")
     cfg = ckpt["config"]
     model = create_model(
         ckpt["arch"],
@@ -54,12 +79,12 @@ def load_trained(path: str | Path) -> LoadedCheckpoint:
         **cfg.get("model_kwargs", {}),
     )
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(ckpt[STATE_KEYS[weights]], strict=True)
     except RuntimeError as e:
         raise UsageError(
-            f"{path}: weights do not fit {ckpt['arch']} ({str(e).splitlines()[1].strip()[:120]})"
+            f"{path}: {STATE_KEYS[weights]} weights do not fit {ckpt['arch']} ({str(e).splitlines()[1].strip()[:120]})"
         ) from None
-    return LoadedCheckpoint(Path(path), ckpt, model.eval(), classifier_path(model))
+    return LoadedCheckpoint(Path(path), ckpt, model.eval(), classifier_path(model), weights)
 
 
 def mc_settings(cfg: dict) -> MCSettings:

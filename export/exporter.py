@@ -1,4 +1,7 @@
-"""mcc-export's work: checkpoint -> collapsed weights, ONNX, model.json, then the proof, into one bundle."""
+"""mcc-export's work: checkpoint -> collapsed weights, timm config, ONNX, model.json, the proof, a model card.
+
+All of it goes into one staged directory that is renamed into place only when the proof passed.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +14,26 @@ import onnx
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
 
 from mcc_serve import bundle as schema
 from mcc_train import UsageError
 
 from .bundle import (
+    CONFIG_JSON,
     FP16_FILE,
     MODEL_JSON,
     ONNX_FILE,
     PARITY_JSON,
+    README_FILE,
     WEIGHTS_FILE,
     file_record,
     sha256_file,
     staged_bundle,
     write_json,
 )
-from .collapse import collapse, collapsed_state_dict, load_trained, mc_settings
+from .collapse import LoadedCheckpoint, collapse, collapsed_state_dict, load_trained, mc_settings
+from .model_card import render_model_card
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .verify import Report, verify_bundle
 
@@ -43,8 +50,11 @@ class ExportConfig:
     overwrite: bool = False
     num_real: int = 32  # real images used by the output check
     latency_runs: int = 50
+    weights: str = "model"  # "model", or "ema": the checkpoint's EMA weights (mcc-train --model-ema)
 
     def validate(self) -> ExportConfig:
+        if self.weights not in schema.WEIGHTS:
+            raise UsageError(f"weights must be one of {', '.join(schema.WEIGHTS)}, got {self.weights!r}")
         if not 17 <= self.opset <= 23:
             raise UsageError(f"--opset must be between 17 and 23, got {self.opset}")
         if self.image_size is not None and min(self.image_size) < 8:
@@ -59,7 +69,7 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         UsageError: unreadable or non-mcc checkpoint, bad options; nothing is written then.
     """
     cfg.validate()
-    loaded = load_trained(cfg.checkpoint)
+    loaded = load_trained(cfg.checkpoint, cfg.weights)
     ckpt = loaded.ckpt
     dc = dict(ckpt["data_config"])
     input_size = (loaded.in_chans, *(cfg.image_size or dc["input_size"][1:]))
@@ -74,20 +84,29 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
 
     with staged_bundle(Path(cfg.out), cfg.overwrite) as tmp:
         started = time.time()
-        _logger.info("collapsing %s (%s head, epoch %d) to its mean centers", loaded.arch, ckpt["head"], ckpt["epoch"])
-        save_file(collapsed_state_dict(loaded.model), str(tmp / WEIGHTS_FILE))
+        _logger.info(
+            "collapsing %s (%s head, epoch %d, %s weights) to its mean centers",
+            loaded.arch,
+            ckpt["head"],
+            ckpt["epoch"],
+            loaded.weights,
+        )
+        collapsed = collapse(loaded.model)
+        save_file(collapsed_state_dict(collapsed), str(tmp / WEIGHTS_FILE))
+        preprocess = preprocess_spec(dc, input_size)
+        write_timm_config(collapsed, tmp / CONFIG_JSON, list(ckpt["class_names"]), preprocess)
         _logger.info("exporting ONNX (opset %d, input %s, dynamic batch)", cfg.opset, list(input_size))
-        export_onnx(collapse(loaded.model), tmp / ONNX_FILE, input_size, cfg.opset)
-        files = {ONNX_FILE: file_record(tmp / ONNX_FILE), WEIGHTS_FILE: file_record(tmp / WEIGHTS_FILE)}
+        export_onnx(collapsed, tmp / ONNX_FILE, input_size, cfg.opset)
+        files = {name: file_record(tmp / name) for name in (ONNX_FILE, WEIGHTS_FILE, CONFIG_JSON)}
         if cfg.fp16:
             write_fp16(tmp / ONNX_FILE, tmp / FP16_FILE)
             files[FP16_FILE] = file_record(tmp / FP16_FILE)
         try:  # written through the schema the server reads it with
-            meta = schema.validate_model_json(model_json(loaded, input_size, files, cfg.opset))
+            meta = schema.validate_model_json(model_json(loaded, input_size, preprocess, files, cfg.opset))
         except schema.BundleError as e:
             raise UsageError(f"{cfg.checkpoint}: cannot describe it as a bundle: {e}") from None
         write_json(tmp / MODEL_JSON, meta)
-        _logger.info("verifying the bundle (weights, graph, outputs, latency)")
+        _logger.info("verifying the bundle (weights, timm config, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
         parity = {
             **report.to_dict(),
@@ -95,6 +114,8 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
             "seconds": round(time.time() - started, 1),
         }
         write_json(tmp / PARITY_JSON, parity)
+        card = render_model_card(meta, report, Path(cfg.out).name, ckpt["config"].get("data"))
+        (tmp / README_FILE).write_text(card)
         if not report.passed:
             raise VerificationError(report)
     return report
@@ -108,9 +129,36 @@ class VerificationError(Exception):
         self.report = report
 
 
-def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int) -> dict:
+def preprocess_spec(data_config: dict, input_size: tuple[int, int, int]) -> dict:
+    """timm's eval transform the bundle expects: the checkpoint's, at the exported input size."""
+    return {
+        "input_size": list(input_size),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "interpolation": data_config["interpolation"],
+        "crop_pct": data_config["crop_pct"],
+        "crop_mode": data_config.get("crop_mode", "center"),
+    }
+
+
+def write_timm_config(model: torch.nn.Module, path: Path, class_names: list[str], preprocess: dict) -> None:
+    """config.json as ``timm.models.save_for_hf`` writes it, so ``timm.create_model("local-dir:BUNDLE")`` works.
+
+    timm records the arguments ``model`` was built with (``model_args``: in_chans, img_size, patch_size, ...); the
+    class names and the bundle's preprocessing go into ``label_names`` and ``pretrained_cfg``.
+    NOTE: ``save_config_for_hf`` is the half of timm's public ``save_for_hf`` that writes config.json; the weights
+    are written apart, as the proof checks them.
+    """
+    try:
+        save_config_for_hf(model, str(path), model_config={"label_names": class_names}, data_config=preprocess)
+    except ValueError as e:  # a model argument that is not JSON
+        raise UsageError(f"cannot write timm's config.json: {e}") from None
+
+
+def model_json(
+    loaded: LoadedCheckpoint, input_size: tuple[int, int, int], preprocess: dict, files: dict, opset: int
+) -> dict:
     ckpt, cfg = loaded.ckpt, loaded.ckpt["config"]
-    dc = ckpt["data_config"]
     return {
         "format": schema.FORMAT,
         "version": schema.VERSION,
@@ -122,14 +170,7 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
         "model_kwargs": dict(cfg.get("model_kwargs", {})),
         "input": {"name": INPUT_NAME, "shape": [None, *input_size], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": [None, loaded.num_classes], "dtype": "float32"},
-        "preprocess": {
-            "input_size": list(input_size),
-            "mean": list(dc["mean"]),
-            "std": list(dc["std"]),
-            "interpolation": dc["interpolation"],
-            "crop_pct": dc["crop_pct"],
-            "crop_mode": dc.get("crop_mode", "center"),
-        },
+        "preprocess": preprocess,
         "head": {
             "type": ckpt["head"],
             "classifier": loaded.classifier,
@@ -139,8 +180,9 @@ def model_json(loaded, input_size: tuple[int, int, int], files: dict, opset: int
             "checkpoint": str(loaded.path.resolve()),
             "sha256": sha256_file(loaded.path),
             "epoch": ckpt["epoch"],
+            "weights": loaded.weights,
         },
-        "metrics": ckpt.get("metrics", {}),
+        "metrics": loaded.metrics,
         "files": files,
         "onnx": {
             "opset": opset,

@@ -1,4 +1,4 @@
-"""The proof that a bundle is a vanilla linear-head timm model: weights, graph, outputs, latency.
+"""The proof that a bundle is a vanilla linear-head timm model: files, timm config, weights, graph, outputs, latency.
 
 ``verify_bundle(bundle_dir)`` re-derives every claim from the files; nothing is taken from parity.json.
 """
@@ -16,13 +16,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timm
 import torch
 from safetensors.torch import load_file
 
 from mcc_train import UsageError
 from mcc_train.data import load_data
 
-from .bundle import FP16_FILE, MODEL_JSON, ONNX_FILE, PARITY_JSON, WEIGHTS_FILE, read_model_json, sha256_file
+from .bundle import (
+    CONFIG_JSON,
+    FP16_FILE,
+    MODEL_JSON,
+    ONNX_FILE,
+    PARITY_JSON,
+    WEIGHTS_FILE,
+    read_model_json,
+    sha256_file,
+)
 from .collapse import LoadedCheckpoint, load_trained, vanilla_model
 from .onnx_graph import INPUT_NAME, count_flops, export_onnx, graph_signature
 
@@ -40,6 +50,7 @@ class Check:
 @dataclass
 class Report:
     checks: list[Check] = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)  # per input kind: max_abs, top1_agreement, inputs
     latency: dict = field(default_factory=dict)
     fp16: dict = field(default_factory=dict)
 
@@ -56,6 +67,7 @@ class Report:
         return {
             "passed": self.passed,
             "checks": [asdict(c) for c in self.checks],
+            "outputs": self.outputs,
             "latency": self.latency,
             "fp16": self.fp16,
         }
@@ -109,8 +121,32 @@ def verify_bundle(
     bundle = Path(bundle)
     meta = read_model_json(bundle)
     report = Report()
+    if not check_files(report, bundle, meta):
+        return report  # the rest would prove things about files that are not the exported ones
+    loaded = load_source(report, meta, checkpoint)
+    if loaded is not None:
+        check_metadata(report, meta, loaded)
+    check_timm_config(report, bundle, meta)
+    vanilla = check_weights(report, bundle, meta, loaded)
+    if vanilla is None:
+        return report
+    exported = onnx.load(str(bundle / ONNX_FILE))
+    input_size = tuple(meta["preprocess"]["input_size"])
+    with tempfile.TemporaryDirectory() as tmp:
+        reference_path = Path(tmp) / "vanilla.onnx"
+        # NOTE: the reference carries the bundle's weights too: the exporter's optimizer folds and deduplicates
+        # constants by value, so only equal weights make equal graphs comparable.
+        export_onnx(vanilla, reference_path, input_size, exported.opset_import[0].version)
+        check_graph(report, exported, onnx.load(str(reference_path)), meta)
+        images = check_outputs(report, bundle, meta, loaded, vanilla, num_real)
+        check_latency(report, bundle / ONNX_FILE, reference_path, input_size, latency_runs)
+    if (bundle / FP16_FILE).is_file() and images is not None:
+        check_fp16(report, bundle, images)
+    return report
 
-    # 0. integrity: the files are the ones model.json describes, model.json the one parity.json saw
+
+def check_files(report: Report, bundle: Path, meta: dict) -> bool:
+    """Integrity: the files are the ones model.json describes, model.json the one parity.json saw."""
     for name, record in meta["files"].items():
         path = bundle / name
         if not path.is_file():
@@ -124,150 +160,235 @@ def verify_bundle(
         recorded = json.loads(parity_path.read_text()).get("model_json_sha256")
         same = recorded == sha256_file(bundle / MODEL_JSON)
         report.add("file model.json", same, "unchanged since export" if same else "edited after export")
-    if not report.passed:
-        return report  # the rest would prove things about files that are not the exported ones
+    return report.passed
 
-    # the source checkpoint, when it is still there and unchanged
-    loaded: LoadedCheckpoint | None = None
-    ckpt_path = Path(checkpoint) if checkpoint else Path(meta.get("source", {}).get("checkpoint", ""))
-    if checkpoint or ckpt_path.is_file():
-        if not ckpt_path.is_file():
-            raise UsageError(f"--checkpoint {ckpt_path}: no such file")
-        if sha256_file(ckpt_path) != meta.get("source", {}).get("sha256"):
-            report.add("source checkpoint", None, f"{ckpt_path} changed since export; MC-side checks skipped")
-        else:
-            loaded = load_trained(ckpt_path)
-            report.add("source checkpoint", None, f"{ckpt_path} (sha256 matches)")
-    else:
+
+def load_source(report: Report, meta: dict, checkpoint: str | Path | None) -> LoadedCheckpoint | None:
+    """The source checkpoint's model (the weights the bundle says it holds), when it is still there and unchanged."""
+    source = meta["source"]
+    ckpt_path = Path(checkpoint) if checkpoint else Path(source.get("checkpoint") or "")
+    if not checkpoint and not ckpt_path.is_file():
         report.add("source checkpoint", None, "not found; checks against the MC model are skipped")
+        return None
+    if not ckpt_path.is_file():
+        raise UsageError(f"--source {ckpt_path}: no such file")
+    if sha256_file(ckpt_path) != source.get("sha256"):
+        report.add("source checkpoint", None, f"{ckpt_path} changed since export; MC-side checks skipped")
+        return None
+    loaded = load_trained(ckpt_path, source["weights"])
+    which = "; its EMA weights" if source["weights"] == "ema" else ""
+    report.add("source checkpoint", None, f"{ckpt_path} (sha256 matches{which})")
+    return loaded
 
-    arch, num_classes, in_chans = meta["arch"], meta["num_classes"], meta["in_chans"]
-    input_size = tuple(meta["preprocess"]["input_size"])
-    if loaded is not None:
-        ck, dc = loaded.ckpt, loaded.ckpt["data_config"]
-        fields_ok = (
-            (arch, num_classes, in_chans, meta["class_names"])
-            == (ck["arch"], ck["num_classes"], ck["in_chans"], ck["class_names"])
-            and all(meta["preprocess"][k] == dc[k] for k in ("mean", "std", "interpolation", "crop_pct"))
-            and meta["head"]["type"] == ck["head"]
-        )
-        report.add(
-            "metadata",
-            fields_ok,
-            "model.json agrees with the checkpoint"
-            if fields_ok
-            else "model.json disagrees with the checkpoint (arch, classes, preprocessing or head)",
-        )
 
-    # 1. weights
-    vanilla = vanilla_model(arch, num_classes, in_chans, input_size[-1], meta.get("model_kwargs"))
+def check_metadata(report: Report, meta: dict, loaded: LoadedCheckpoint) -> None:
+    """model.json's arch, classes, preprocessing and head against the source checkpoint."""
+    ck, dc = loaded.ckpt, loaded.ckpt["data_config"]
+    fields_ok = (
+        (meta["arch"], meta["num_classes"], meta["in_chans"], meta["class_names"])
+        == (ck["arch"], ck["num_classes"], ck["in_chans"], ck["class_names"])
+        and all(meta["preprocess"][k] == dc[k] for k in ("mean", "std", "interpolation", "crop_pct"))
+        and meta["head"]["type"] == ck["head"]
+    )
+    report.add(
+        "metadata",
+        fields_ok,
+        "model.json agrees with the checkpoint"
+        if fields_ok
+        else "model.json disagrees with the checkpoint (arch, classes, preprocessing or head)",
+    )
+
+
+def check_timm_config(report: Report, bundle: Path, meta: dict) -> None:
+    """config.json (timm's hub config) says what model.json says, and timm rebuilds the exported model from it.
+
+    A bundle of an older mcc-export has no config.json: reported, not a failure.
+    """
+    path = bundle / CONFIG_JSON
+    if not path.is_file():
+        report.add("config.json", None, "absent (an older mcc-export); timm cannot load the bundle by local-dir:")
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        report.add("config.json: fields", False, f"not valid JSON ({e})")
+        return
+    differ = timm_config_differences(config if isinstance(config, dict) else {}, meta)
+    report.add(
+        "config.json: fields",
+        not differ,
+        f"disagrees with model.json: {', '.join(differ)}"
+        if differ
+        else "arch, classes, label names, in_chans, model_args and preprocessing agree with model.json",
+    )
+    try:
+        model = timm.create_model(f"local-dir:{bundle}", pretrained=True).eval()
+        x = torch.randn(8, *meta["preprocess"]["input_size"], generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = model(x).numpy()
+    except Exception as e:  # whatever timm raises on a config it cannot build or weights that do not fit
+        report.add("config.json: local-dir model", False, f"{type(e).__name__}: {str(e).splitlines()[0][:150]}")
+        return
+    err = float(np.abs(session(bundle / ONNX_FILE).run(None, {INPUT_NAME: x.numpy()})[0] - logits).max())
+    report.add(
+        "config.json: local-dir model",
+        err <= MAX_ABS_TOL,
+        f"timm.create_model('local-dir:BUNDLE', pretrained=True) against model.onnx: max-abs {err:.2e}",
+    )
+
+
+def timm_config_differences(config: dict, meta: dict) -> list[str]:
+    """Names of the config.json fields that disagree with model.json (empty: they agree)."""
+    pretrained, args = config.get("pretrained_cfg") or {}, config.get("model_args") or {}
+    expected = {
+        "architecture": (config.get("architecture"), meta["arch"]),
+        "num_classes": ((config.get("num_classes"), pretrained.get("num_classes")), (meta["num_classes"],) * 2),
+        "label_names": (config.get("label_names"), meta["class_names"]),
+        "model_args.in_chans": (args.get("in_chans", 3), meta["in_chans"]),
+    }
+    for key, value in meta["model_kwargs"].items():
+        expected[f"model_args.{key}"] = (_json_size(key, args.get(key)), _json_size(key, value))
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"):
+        expected[f"pretrained_cfg.{key}"] = (pretrained.get(key), meta["preprocess"][key])
+    return [name for name, (ours, theirs) in expected.items() if ours != theirs]
+
+
+def _json_size(key: str, value):
+    """``img_size`` as timm records it ([H, W]); other values as JSON reads them."""
+    if key == "img_size" and isinstance(value, int):
+        return [value, value]
+    return json.loads(json.dumps(value))
+
+
+def check_weights(report: Report, bundle: Path, meta: dict, loaded: LoadedCheckpoint | None) -> torch.nn.Module | None:
+    """model.safetensors is a strict vanilla timm state_dict, the source's weights less log_var.
+
+    Returns:
+        The vanilla timm model with the bundle's weights, or None when they do not load (the rest is then moot).
+    """
+    arch = meta["arch"]
+    input_size = meta["preprocess"]["input_size"]
+    vanilla = vanilla_model(arch, meta["num_classes"], meta["in_chans"], input_size[-1], meta["model_kwargs"])
     state = load_file(bundle / WEIGHTS_FILE)
     try:
         vanilla.load_state_dict(state, strict=True)
         report.add("weights: strict load", True, f"{WEIGHTS_FILE} loads with strict=True into timm {arch}")
     except RuntimeError as e:
         report.add("weights: strict load", False, str(e).splitlines()[0][:150])
-        return report
+        return None
+    if loaded is None:
+        return vanilla
     n_vanilla = sum(p.numel() for p in vanilla.parameters())
-    if loaded is not None:
-        n_mc = sum(p.numel() for p in loaded.model.parameters())
-        n_log_var = sum(p.numel() for n, p in loaded.model.named_parameters() if n.endswith(".log_var"))
-        report.add(
-            "weights: parameter count",
-            n_mc - n_log_var == n_vanilla,
-            f"MC model without log_var {n_mc - n_log_var:,} = vanilla {n_vanilla:,} "
-            f"(log_var, training only: {n_log_var:,})",
-        )
-        mc_state = loaded.model.state_dict()
-        dropped = sorted(set(mc_state) - set(state))
-        expected = [f"{loaded.classifier}.log_var"] if meta["head"]["type"] == "mc" else []
-        same = all(torch.equal(mc_state[k], v) for k, v in state.items())
-        report.add(
-            "weights: dropped keys",
-            dropped == expected and set(state) <= set(mc_state),
-            f"dropped {dropped or 'nothing'}",
-        )
-        report.add("weights: values", same, "every kept tensor equals the checkpoint's" if same else "tensors differ")
+    n_mc = sum(p.numel() for p in loaded.model.parameters())
+    n_log_var = sum(p.numel() for n, p in loaded.model.named_parameters() if n.endswith(".log_var"))
+    report.add(
+        "weights: parameter count",
+        n_mc - n_log_var == n_vanilla,
+        f"MC model without log_var {n_mc - n_log_var:,} = vanilla {n_vanilla:,} "
+        f"(log_var, training only: {n_log_var:,})",
+    )
+    mc_state = loaded.model.state_dict()
+    dropped = sorted(set(mc_state) - set(state))
+    expected = [f"{loaded.classifier}.log_var"] if meta["head"]["type"] == "mc" else []
+    same = all(k in mc_state and torch.equal(mc_state[k], v) for k, v in state.items())
+    report.add(
+        "weights: dropped keys",
+        dropped == expected and set(state) <= set(mc_state),
+        f"dropped {dropped or 'nothing'}",
+    )
+    report.add("weights: values", same, "every kept tensor equals the checkpoint's" if same else "tensors differ")
+    return vanilla
 
-    # 2. graph: the same structure as a vanilla timm model exported the same way
-    exported = onnx.load(str(bundle / ONNX_FILE))
-    with tempfile.TemporaryDirectory() as tmp:
-        reference_path = Path(tmp) / "vanilla.onnx"
-        # NOTE: the reference carries the bundle's weights too: the exporter's optimizer folds and deduplicates
-        # constants by value, so only equal weights make equal graphs comparable.
-        export_onnx(vanilla, reference_path, input_size, exported.opset_import[0].version)
-        reference = onnx.load(str(reference_path))
-        ours, theirs = graph_signature(exported), graph_signature(reference)
-        report.add("graph: op sequence", ours["ops"] == theirs["ops"], f"{len(ours['ops'])} nodes")
-        report.add(
-            "graph: attributes",
-            ours["attributes"] == theirs["attributes"],
-            "node attributes identical" if ours["attributes"] == theirs["attributes"] else "node attributes differ",
-        )
-        report.add(
-            "graph: initializer shapes",
-            ours["initializers"] == theirs["initializers"],
-            f"{len(ours['initializers'])} initializers",
-        )
-        io_same = (ours["inputs"], ours["outputs"]) == (theirs["inputs"], theirs["outputs"])
-        report.add("graph: inputs/outputs", io_same, f"{ours['inputs'][0][2]} -> {ours['outputs'][0][2]}")
-        flops, flops_ref = count_flops(exported), count_flops(reference)
-        report.add(
-            "graph: FLOPs", flops == flops_ref, f"{flops / 1e6:,.2f} MFLOPs per image, vanilla {flops_ref / 1e6:,.2f}"
-        )
-        shape_ok = ours["outputs"][0][2][1:] == [num_classes] and ours["inputs"][0][2][1:] == list(input_size)
-        report.add("graph: matches model.json", shape_ok, f"input {list(input_size)}, {num_classes} classes")
 
-        # 3. outputs
-        ours_sess = session(bundle / ONNX_FILE)
-        generator = torch.Generator().manual_seed(0)
-        inputs = {"random": torch.randn(8, *input_size, generator=generator)}
-        images, source = real_images(meta, loaded.ckpt if loaded else None, num_real)
-        if images is not None:
-            inputs["real"] = images
-        with torch.no_grad():
-            for kind, x in inputs.items():
-                onnx_logits = ours_sess.run(None, {INPUT_NAME: x.numpy()})[0]
-                torch_logits = (loaded.model if loaded else vanilla)(x).numpy()
-                err = float(np.abs(onnx_logits - torch_logits).max())
-                who = "MC model (eval)" if loaded else "timm model with the bundle's weights"
-                report.add(
-                    f"outputs: ORT vs PyTorch ({kind})",
-                    err <= MAX_ABS_TOL,
-                    f"max-abs {err:.2e} <= {MAX_ABS_TOL:g} against the {who}, {len(x)} inputs",
-                )
-                agree = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
-                report.add(f"outputs: top-1 agreement ({kind})", agree == 1.0, f"{100 * agree:.1f}%")
-                if loaded:
-                    identical = torch.equal(vanilla(x), loaded.model(x))
-                    report.add(
-                        f"outputs: vanilla == MC bit for bit ({kind})",
-                        identical,
-                        "timm model with the collapsed weights gives identical logits"
-                        if identical
-                        else "logits differ",
-                    )
-        if images is None:
-            report.add("outputs: real images", None, f"skipped: {source}")
+def check_graph(report: Report, exported: onnx.ModelProto, reference: onnx.ModelProto, meta: dict) -> None:
+    """The bundle's graph has the structure of the vanilla timm model exported the same way."""
+    ours, theirs = graph_signature(exported), graph_signature(reference)
+    report.add("graph: op sequence", ours["ops"] == theirs["ops"], f"{len(ours['ops'])} nodes")
+    report.add(
+        "graph: attributes",
+        ours["attributes"] == theirs["attributes"],
+        "node attributes identical" if ours["attributes"] == theirs["attributes"] else "node attributes differ",
+    )
+    report.add(
+        "graph: initializer shapes",
+        ours["initializers"] == theirs["initializers"],
+        f"{len(ours['initializers'])} initializers",
+    )
+    io_same = (ours["inputs"], ours["outputs"]) == (theirs["inputs"], theirs["outputs"])
+    report.add("graph: inputs/outputs", io_same, f"{ours['inputs'][0][2]} -> {ours['outputs'][0][2]}")
+    flops, flops_ref = count_flops(exported), count_flops(reference)
+    report.add(
+        "graph: FLOPs", flops == flops_ref, f"{flops / 1e6:,.2f} MFLOPs per image, vanilla {flops_ref / 1e6:,.2f}"
+    )
+    input_size, num_classes = list(meta["preprocess"]["input_size"]), meta["num_classes"]
+    shape_ok = ours["outputs"][0][2][1:] == [num_classes] and ours["inputs"][0][2][1:] == input_size
+    report.add("graph: matches model.json", shape_ok, f"input {input_size}, {num_classes} classes")
 
-        # 4. latency against the vanilla export, interleaved in one process
-        report.latency = measure_latency(bundle / ONNX_FILE, reference_path, input_size, latency_runs)
-        for batch, r in report.latency.items():
+
+def check_outputs(
+    report: Report,
+    bundle: Path,
+    meta: dict,
+    loaded: LoadedCheckpoint | None,
+    vanilla: torch.nn.Module,
+    num_real: int,
+) -> torch.Tensor | None:
+    """onnxruntime against the MC model (or, without it, the vanilla one) on random and real inputs.
+
+    Returns:
+        The real images used, or None when the training data is not at hand.
+    """
+    ours = session(bundle / ONNX_FILE)
+    inputs = {"random": torch.randn(8, *meta["preprocess"]["input_size"], generator=torch.Generator().manual_seed(0))}
+    images, source = real_images(meta, loaded.ckpt if loaded else None, num_real)
+    if images is not None:
+        inputs["real"] = images
+    who = "MC model (eval)" if loaded else "timm model with the bundle's weights"
+    with torch.no_grad():
+        for kind, x in inputs.items():
+            onnx_logits = ours.run(None, {INPUT_NAME: x.numpy()})[0]
+            torch_logits = (loaded.model if loaded else vanilla)(x).numpy()
+            err = float(np.abs(onnx_logits - torch_logits).max())
+            agree = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
+            report.outputs[kind] = {"max_abs": err, "top1_agreement": agree, "inputs": len(x)}
             report.add(
-                f"latency (batch {batch})",
-                None,
-                f"{r['ours_ms']:.3f} ms vs vanilla {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}",
+                f"outputs: ORT vs PyTorch ({kind})",
+                err <= MAX_ABS_TOL,
+                f"max-abs {err:.2e} <= {MAX_ABS_TOL:g} against the {who}, {len(x)} inputs",
             )
+            report.add(f"outputs: top-1 agreement ({kind})", agree == 1.0, f"{100 * agree:.1f}%")
+            if loaded:
+                identical = torch.equal(vanilla(x), loaded.model(x))
+                report.add(
+                    f"outputs: vanilla == MC bit for bit ({kind})",
+                    identical,
+                    "timm model with the collapsed weights gives identical logits" if identical else "logits differ",
+                )
+    if images is None:
+        report.add("outputs: real images", None, f"skipped: {source}")
+    return images
 
-    if (bundle / FP16_FILE).is_file() and images is not None:
-        report.fp16 = fp16_report(bundle, ours_sess, images)
+
+def check_latency(report: Report, ours: Path, vanilla: Path, input_size: tuple, runs: int) -> None:
+    """onnxruntime latency of the bundle against the vanilla export: reported, never asserted."""
+    report.latency = measure_latency(ours, vanilla, input_size, runs)
+    for batch, r in report.latency.items():
         report.add(
-            "fp16 model (reported)",
+            f"latency (batch {batch})",
             None,
-            f"max-abs {report.fp16['max_abs']:.2e}, top-1 agreement "
-            f"{100 * report.fp16['top1_agreement']:.1f}% on {report.fp16['images']} real images",
+            f"{r['ours_ms']:.3f} ms vs vanilla {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}",
         )
-    return report
+
+
+def check_fp16(report: Report, bundle: Path, images: torch.Tensor) -> None:
+    """model_fp16.onnx's error against the fp32 model on the real images: reported."""
+    report.fp16 = fp16_report(bundle, session(bundle / ONNX_FILE), images)
+    report.add(
+        "fp16 model (reported)",
+        None,
+        f"max-abs {report.fp16['max_abs']:.2e}, top-1 agreement "
+        f"{100 * report.fp16['top1_agreement']:.1f}% on {report.fp16['images']} real images",
+    )
 
 
 def measure_latency(ours: Path, vanilla: Path, input_size, runs: int, batches=(1,)) -> dict:

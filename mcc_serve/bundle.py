@@ -1,15 +1,30 @@
-"""The bundle contract: model.json's schema, defined once and torch-free.
+"""The bundle contract: its files and model.json's schema, defined once and torch-free.
 
 ``export`` builds model.json through ``ModelJson`` and reads it back with ``read_model_json`` for
 ``mcc-export --verify``; ``mcc-serve`` reads it with the same function and checks the ONNX graph against it at
 start-up (``mcc_serve.engine``). A model.json that does not validate is refused with one line naming the field.
 
+A bundle directory holds (``mcc-export`` writes them in this order, all in one staged directory renamed into place):
+
+- ``model.safetensors``: the collapsed weights, a vanilla timm state_dict.
+- ``config.json``: timm's hub config (``timm.models.save_for_hf``'s, with the bundle's preprocessing and class
+  names), so ``timm.create_model("local-dir:BUNDLE", pretrained=True)`` rebuilds the exported model; absent from
+  bundles written before it was added.
+- ``model.onnx`` (and with ``--fp16`` ``model_fp16.onnx``): the collapsed model as ONNX.
+- ``model.json``: this schema; ``files`` records the sha256 and size of every file above.
+- ``parity.json``: the proof (every check and its result) and the sha256 of model.json.
+- ``README.md``: a model card (Hugging Face front matter) quoting the proof. NOTE: not in ``files``: it is written
+  after the proof it quotes, and it is documentation a publisher may edit (licence, description) without changing
+  what the model computes.
+
 model.json, version 1: ``format`` ("mcc-bundle"), ``version``, ``created``, ``arch``, ``num_classes``,
 ``class_names``, ``in_chans``, ``model_kwargs`` (extra ``timm.create_model`` arguments), ``input`` and ``output``
 (name, shape with a ``null`` batch axis, dtype), ``preprocess`` (timm's eval transform: ``input_size`` [C, H, W],
 ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), ``head`` (``type`` mc | linear,
-``classifier``, and for MC the training-time settings), ``source``, ``metrics``, ``files`` (sha256 and size of
-each file), ``onnx`` (opset and exporter versions).
+``classifier``, and for MC the training-time settings), ``source`` (``checkpoint``, ``sha256``, ``epoch``,
+``weights``: ``model`` or ``ema``, the checkpoint's weights that were exported; ``model`` when absent),
+``metrics`` (those weights' eval metrics), ``files`` (sha256 and size of each file), ``onnx`` (opset and exporter
+versions).
 """
 
 from __future__ import annotations
@@ -21,7 +36,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMAT, VERSION = "mcc-bundle", 1
-MODEL_JSON = "model.json"
+MODEL_JSON, ONNX_FILE, FP16_FILE, WEIGHTS_FILE, CONFIG_JSON, PARITY_JSON, README_FILE = (
+    "model.json",
+    "model.onnx",
+    "model_fp16.onnx",
+    "model.safetensors",
+    "config.json",
+    "parity.json",
+    "README.md",
+)
+WEIGHTS = ("model", "ema")  # which of the checkpoint's weights were exported: its model, or its EMA of the model
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
@@ -68,6 +92,15 @@ class FileRecord(BaseModel):
     bytes: int = Field(ge=0)
 
 
+class Source(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    checkpoint: str | None = None
+    sha256: str | None = None
+    epoch: int | None = None
+    weights: Literal[WEIGHTS] = "model"
+
+
 class ModelJson(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -83,7 +116,7 @@ class ModelJson(BaseModel):
     output: TensorSpec
     preprocess: Preprocess
     head: Head
-    source: dict[str, Any] = {}
+    source: Source = Source()
     metrics: dict[str, Any] = {}
     files: dict[str, FileRecord]
     onnx: dict[str, Any] = {}
@@ -105,8 +138,8 @@ class ModelJson(BaseModel):
             raise ValueError(f"input.shape {self.input.shape} is not [null, *preprocess.input_size]")
         if self.output.shape != [None, self.num_classes]:
             raise ValueError(f"output.shape {self.output.shape} is not [null, num_classes]")
-        if "model.onnx" not in self.files:
-            raise ValueError("files lacks model.onnx")
+        if ONNX_FILE not in self.files:
+            raise ValueError(f"files lacks {ONNX_FILE}")
         return self
 
 

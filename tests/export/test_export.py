@@ -24,7 +24,7 @@ FAST = {"latency_runs": 3, "num_real": 16}
 
 def check_bundle(bundle, arch, in_chans, img_size):
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == ["model.json", "model.onnx", "model.safetensors", "parity.json"]
+    assert names == ["README.md", "config.json", "model.json", "model.onnx", "model.safetensors", "parity.json"]
     meta = json.loads((bundle / "model.json").read_text())
     assert meta["format"] == "mcc-bundle" and meta["version"] == 1 and meta["arch"] == arch
     assert meta["input"]["shape"] == [None, in_chans, img_size, img_size] and meta["num_classes"] == 10

@@ -19,3 +19,27 @@ def test_amp_channels_last_training_and_export(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     report = export_checkpoint(ExportConfig(str(tmp_path / "run" / "last.pt"), str(tmp_path / "b"), latency_runs=5))
     assert report.passed
+
+
+def fine_tune_args(tmp_path, device: str) -> list[str]:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18", num_classes=1000).state_dict(), str(tmp_path / "w.safetensors"))
+    return ["--arch", "resnet18", "--img-size", "32", "--subset", "256", "--batch-size", "32", "--epochs", "2",
+            "--device", device, "--workers", "2", "--no-progress", "--out", str(tmp_path / "ft"),
+            "--pretrained-file", str(tmp_path / "w.safetensors"), "--freeze-backbone-epochs", "1",
+            "--head-lr-scale", "10", "--model-ema", "--grad-accum-steps", "2", "--balanced-sampler"]  # fmt: skip
+
+
+def test_fine_tuning_with_ema_and_accumulation_then_ema_export(tmp_path):
+    """3-channel ImageNet-style weights on 1-channel digits, a frozen first epoch, EMA, accumulation, balanced
+    draws, under AMP and channels_last; the EMA weights export and pass the proof."""
+    assert main(fine_tune_args(tmp_path, "cuda")) == 0
+    ckpt = load_checkpoint(tmp_path / "ft" / "last.pt")
+    for weights in ("model", "model_ema"):
+        assert all(v.device.type == "cpu" for v in ckpt[weights].values())
+        assert all(torch.isfinite(v).all() for v in ckpt[weights].values() if v.is_floating_point())
+    config = ExportConfig(str(tmp_path / "ft" / "last.pt"), str(tmp_path / "b"), latency_runs=5, weights="ema")
+    assert export_checkpoint(config).passed

@@ -5,6 +5,8 @@ All of it goes into one staged directory that is renamed into place only when th
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from timm.models._hub import save_config_for_hf
 
 from mcc_serve import bundle as schema
 from mcc_train import UsageError
+from mcc_train.model import timm_size_kwargs
 
 from .bundle import (
     CONFIG_JSON,
@@ -94,7 +97,9 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         collapsed = collapse(loaded.model)
         save_file(collapsed_state_dict(collapsed), str(tmp / WEIGHTS_FILE))
         preprocess = preprocess_spec(dc, input_size)
-        write_timm_config(collapsed, tmp / CONFIG_JSON, list(ckpt["class_names"]), preprocess)
+        model_args = {"in_chans": loaded.in_chans, **timm_size_kwargs(loaded.arch, loaded.img_size),
+                      **ckpt["config"].get("model_kwargs", {})}  # fmt: skip
+        write_timm_config(collapsed, tmp / CONFIG_JSON, list(ckpt["class_names"]), preprocess, model_args)
         _logger.info("exporting ONNX (opset %d, input %s, dynamic batch)", cfg.opset, list(input_size))
         export_onnx(collapsed, tmp / ONNX_FILE, input_size, cfg.opset)
         files = {name: file_record(tmp / name) for name in (ONNX_FILE, WEIGHTS_FILE, CONFIG_JSON)}
@@ -141,18 +146,35 @@ def preprocess_spec(data_config: dict, input_size: tuple[int, int, int]) -> dict
     }
 
 
-def write_timm_config(model: torch.nn.Module, path: Path, class_names: list[str], preprocess: dict) -> None:
+def write_timm_config(
+    model: torch.nn.Module, path: Path, class_names: list[str], preprocess: dict, model_args: dict
+) -> None:
     """config.json as ``timm.models.save_for_hf`` writes it, so ``timm.create_model("local-dir:BUNDLE")`` works.
 
-    timm records the arguments ``model`` was built with (``model_args``: in_chans, img_size, patch_size, ...); the
-    class names and the bundle's preprocessing go into ``label_names`` and ``pretrained_cfg``.
-    NOTE: ``save_config_for_hf`` is the half of timm's public ``save_for_hf`` that writes config.json; the weights
-    are written apart, as the proof checks them.
+    ``model_args`` (in_chans, img_size, patch_size, ...) are the ``timm.create_model`` arguments that rebuild the
+    model; the class names go into ``label_names`` and the bundle's preprocessing into ``pretrained_cfg``.
+    NOTE: ``save_config_for_hf`` is the half of timm's public ``save_for_hf`` that writes config.json (the weights
+    are written apart, as the proof checks them). Its ``data_config`` argument is recent (timm 1.0.31 has it, 1.0.29
+    not): without it the preprocessing is set on the written JSON, which every version reads back the same way.
     """
+    kwargs = {"model_config": {"label_names": class_names}, "model_args": model_args}
+    timm_sets_preprocessing = "data_config" in inspect.signature(save_config_for_hf).parameters
+    if timm_sets_preprocessing:
+        kwargs["data_config"] = preprocess
     try:
-        save_config_for_hf(model, str(path), model_config={"label_names": class_names}, data_config=preprocess)
+        save_config_for_hf(model, Path(path), **kwargs)
     except ValueError as e:  # a model argument that is not JSON
         raise UsageError(f"cannot write timm's config.json: {e}") from None
+    if timm_sets_preprocessing:
+        return
+    config = json.loads(Path(path).read_text())
+    pretrained_cfg = config.setdefault("pretrained_cfg", {})
+    for key in ("test_input_size", "test_crop_pct", "test_pool_size", "pool_size"):  # for the source arch's input
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg.update({k: preprocess[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct",
+                                                      "crop_mode")})  # fmt: skip
+    pretrained_cfg["num_classes"] = config["num_classes"]  # the arch's default cfg says 1000
+    Path(path).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def model_json(

@@ -3,9 +3,18 @@
 import pytest
 import torch
 
-from export import ExportConfig, export_checkpoint
+from export import ExportConfig, VerificationError, export_checkpoint
 from mcc_train.checkpoint import load_checkpoint
 from mcc_train.cli import main
+
+
+def export_and_prove(config: ExportConfig) -> bool:
+    """Export; a failed proof fails the test with its table."""
+    try:
+        return export_checkpoint(config).passed
+    except VerificationError as failed:
+        pytest.fail(failed.report.table())
+
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -17,8 +26,7 @@ def test_amp_channels_last_training_and_export(tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert all(v.device.type == "cpu" for v in ckpt["model"].values())  # loadable anywhere
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    report = export_checkpoint(ExportConfig(str(tmp_path / "run" / "last.pt"), str(tmp_path / "b"), latency_runs=5))
-    assert report.passed
+    assert export_and_prove(ExportConfig(str(tmp_path / "run" / "last.pt"), str(tmp_path / "b"), latency_runs=5))
 
 
 def fine_tune_args(tmp_path, device: str) -> list[str]:
@@ -42,4 +50,4 @@ def test_fine_tuning_with_ema_and_accumulation_then_ema_export(tmp_path):
         assert all(v.device.type == "cpu" for v in ckpt[weights].values())
         assert all(torch.isfinite(v).all() for v in ckpt[weights].values() if v.is_floating_point())
     config = ExportConfig(str(tmp_path / "ft" / "last.pt"), str(tmp_path / "b"), latency_runs=5, weights="ema")
-    assert export_checkpoint(config).passed
+    assert export_and_prove(config)

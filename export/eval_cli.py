@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, metavar="N", help="threads that decode and preprocess images (default: 2)"
     )
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable image files of the data out")
+    p.add_argument("--ema", action="store_true", help="with a checkpoint: its EMA weights (mcc-train --model-ema)")
     return p
 
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             workers=args.workers,
             skip_bad_images=args.skip_bad_images,
+            weights="ema" if args.ema else "model",
         ).validate()
         result = evaluate(cfg)
         metrics = summarize(result, cfg)

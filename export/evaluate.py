@@ -4,7 +4,8 @@ recall and F1, and the confusion matrix.
 A bundle is evaluated as it is served: its ONNX model in onnxruntime, each image preprocessed by mcc-serve's
 ``Preprocessor`` from model.json (an image file from its bytes, an in-memory image from its pixels). A checkpoint
 is evaluated as training evaluated it: its torch model in eval mode with timm's eval transform. On the data a model
-was trained on, both give the top-1 recorded in the checkpoint and in model.json's ``metrics``.
+was trained on, both give the top-1 recorded in the checkpoint and in model.json's ``metrics`` (for EMA weights,
+``--ema`` on the checkpoint, the checkpoint's ``metrics_ema``, which an ``mcc-export --ema`` bundle records).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class EvalConfig:
     workers: int = 2  # threads that decode and preprocess images
     skip_bad_images: bool = False
     progress: bool = True
+    weights: str = "model"  # of a checkpoint: "model", or "ema" (its EMA weights)
 
     def validate(self) -> EvalConfig:
         checks = [
@@ -64,6 +66,10 @@ class EvalConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
+            (
+                self.weights == "model" or not Path(self.model).is_dir(),
+                "--ema applies to a checkpoint; a bundle holds the weights it was exported with",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,9 +91,12 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint_model(path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS) -> OfflineModel:
-    """A checkpoint's model (the MC head's mean centers: the exported model), preprocessing as its bundle would."""
-    loaded = load_trained(path)
+def load_checkpoint_model(
+    path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS, weights: str = "model"
+) -> OfflineModel:
+    """A checkpoint's model (the MC head's mean centers: the exported model), preprocessing as its bundle would.
+    ``weights="ema"``: its EMA weights (mcc-train --model-ema), as ``mcc-export --ema`` exports them."""
+    loaded = load_trained(path, weights)
     dev = torch_device(device)
     net = loaded.model.to(dev)
     data_config = dict(loaded.ckpt["data_config"])
@@ -118,7 +127,10 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     """Run the model over every image of the split (UsageError on bad input)."""
     try:
         bundle = is_bundle(cfg.model)
-        model = load_bundle(cfg.model, cfg.device) if bundle else load_checkpoint_model(cfg.model, cfg.device)
+        if bundle:
+            model = load_bundle(cfg.model, cfg.device)
+        else:
+            model = load_checkpoint_model(cfg.model, cfg.device, weights=cfg.weights)
     except (BundleError, InputError) as e:
         raise UsageError(str(e)) from None
     splits = load_data(cfg.data, skip_bad_images=cfg.skip_bad_images)

@@ -59,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=int, default=2, metavar="N", help="threads that decode and preprocess images (default: 2)"
     )
+    p.add_argument("--ema", action="store_true", help="with a checkpoint: its EMA weights (mcc-train --model-ema)")
     return p
 
 
-def load_model(path: str, device: str) -> OfflineModel:
+def load_model(path: str, device: str, ema: bool = False) -> OfflineModel:
     """A bundle through onnxruntime alone, or a checkpoint through torch (imported only then)."""
     if is_bundle(path):
+        if ema:
+            raise InputError("--ema applies to a checkpoint; a bundle holds the weights it was exported with")
         return load_bundle(path, device)
     try:
         from mcc_train import UsageError
@@ -73,7 +76,7 @@ def load_model(path: str, device: str) -> OfflineModel:
     except ImportError as e:
         raise InputError(f"{path}: reading a checkpoint needs torch ({e}); install it, or pass a bundle") from None
     try:
-        return load_checkpoint_model(path, device)
+        return load_checkpoint_model(path, device, weights="ema" if ema else "model")
     except UsageError as e:
         raise InputError(str(e)) from None
 
@@ -100,7 +103,7 @@ def predict(args: argparse.Namespace) -> int:
                                ("--workers", args.workers, 0)):  # fmt: skip
         if value is not None and value < least:
             raise InputError(f"{flag} must be >= {least}, got {value}")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.ema)
     k = min(args.top_k or 5, model.num_classes)
     files, missing = find_images(args.paths)
     for message in missing:

@@ -92,7 +92,7 @@ class Preprocessor:
         except Image.DecompressionBombError:
             raise ImageError(f"{name} has too many pixels", status=413) from None
         except (UnidentifiedImageError, OSError, ValueError):
-            raise ImageError(f"{name} is not an image format Pillow can read (send PNG, JPEG, WebP, ...)") from None
+            raise ImageError(f"{name} is not an image format Pillow can read (PNG, JPEG, WebP, ... are)") from None
         if img.width * img.height > self.max_pixels:
             raise ImageError(
                 f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, more than the limit of "

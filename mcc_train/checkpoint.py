@@ -41,8 +41,8 @@ def atomic_write(path: str | Path, write) -> None:
     # reading the umask instead (os.umask(0) then os.umask(old)) would change it for every thread in between.
     # O_EXCL and a random name: never a file someone else has open. ``write`` truncates it and keeps its mode.
     tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    try:  # created inside the try: a Ctrl-C right after os.open still removes it
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

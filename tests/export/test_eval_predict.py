@@ -215,3 +215,20 @@ def test_predict_bad_input_is_one_line_and_exit_2(case, message, bundle, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert message in one_error_line(err[-1], "mcc-predict")
     assert not out.exists()  # no partial CSV
+
+
+def test_ema_weights_evaluate_to_the_top1_the_ema_bundle_records(tmp_path, capsys):
+    from mcc_train.cli import main as train_main
+
+    from ..conftest import FAST_TRAIN
+
+    assert train_main([*FAST_TRAIN, "--epochs", "2", "--model-ema", "--out", str(tmp_path / "run")]) == 0
+    ckpt = tmp_path / "run" / "last.pt"
+    export_checkpoint(ExportConfig(str(ckpt), str(tmp_path / "b"), latency_runs=2, num_real=8, weights="ema"))
+    recorded = json.loads((tmp_path / "b" / "model.json").read_text())["metrics"]["top1"]
+    for model, extra in ((tmp_path / "b", []), (ckpt, ["--ema"])):
+        assert eval_main([str(model), "--data", "digits", "--out", str(tmp_path / "r"), "--workers", "0", *extra]) == 0
+        assert json.loads((tmp_path / "r" / "metrics.json").read_text())["top1"] == pytest.approx(recorded, abs=1e-6)
+    capsys.readouterr()
+    assert eval_main([str(tmp_path / "b"), "--data", "digits", "--ema"]) == 2
+    assert "--ema applies to a checkpoint" in one_error_line(capsys.readouterr().err, "mcc-eval")

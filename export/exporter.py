@@ -146,6 +146,9 @@ def preprocess_spec(data_config: dict, input_size: tuple[int, int, int]) -> dict
     }
 
 
+PROVENANCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url")
+
+
 def write_timm_config(
     model: torch.nn.Module, path: Path, class_names: list[str], preprocess: dict, model_args: dict
 ) -> None:
@@ -156,6 +159,8 @@ def write_timm_config(
     NOTE: ``save_config_for_hf`` is the half of timm's public ``save_for_hf`` that writes config.json (the weights
     are written apart, as the proof checks them). Its ``data_config`` argument is recent (timm 1.0.31 has it, 1.0.29
     not): without it the preprocessing is set on the written JSON, which every version reads back the same way.
+    The arch's default ``pretrained_cfg`` also names its published weights (``tag: c3_in1k``, their licence, paper):
+    those entries are dropped, as they do not describe these weights.
     """
     kwargs = {"model_config": {"label_names": class_names}, "model_args": model_args}
     timm_sets_preprocessing = "data_config" in inspect.signature(save_config_for_hf).parameters
@@ -165,15 +170,16 @@ def write_timm_config(
         save_config_for_hf(model, Path(path), **kwargs)
     except ValueError as e:  # a model argument that is not JSON
         raise UsageError(f"cannot write timm's config.json: {e}") from None
-    if timm_sets_preprocessing:
-        return
     config = json.loads(Path(path).read_text())
     pretrained_cfg = config.setdefault("pretrained_cfg", {})
-    for key in ("test_input_size", "test_crop_pct", "test_pool_size", "pool_size"):  # for the source arch's input
+    for key in PROVENANCE_KEYS:  # they describe the arch's published weights, not these
         pretrained_cfg.pop(key, None)
-    pretrained_cfg.update({k: preprocess[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct",
-                                                      "crop_mode")})  # fmt: skip
-    pretrained_cfg["num_classes"] = config["num_classes"]  # the arch's default cfg says 1000
+    if not timm_sets_preprocessing:
+        for key in ("test_input_size", "test_crop_pct", "test_pool_size", "pool_size"):  # for the source's input
+            pretrained_cfg.pop(key, None)
+        pretrained_cfg.update({k: preprocess[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct",
+                                                          "crop_mode")})  # fmt: skip
+        pretrained_cfg["num_classes"] = config["num_classes"]  # the arch's default cfg says 1000
     Path(path).write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ from export import ExportConfig, export_checkpoint, verify_bundle
 from export.bundle import sha256_file
 from export.cli import main
 from export.collapse import collapsed_state_dict, load_trained
+from export.exporter import PROVENANCE_KEYS
 from mcc_serve.bundle import read_model_json
 from mcc_train import save_checkpoint
 from mcc_train.checkpoint import load_checkpoint
@@ -84,8 +85,10 @@ def test_config_json_is_what_timm_save_for_hf_writes(exported, tmp_path):
     timm.models.save_for_hf(
         vanilla, tmp_path, model_config={"label_names": [str(i) for i in range(10)]}, data_config=pre
     )
-    config = json.loads((bundle / "config.json").read_text())
-    assert config == json.loads((tmp_path / "config.json").read_text())
+    config, timms = json.loads((bundle / "config.json").read_text()), json.loads((tmp_path / "config.json").read_text())
+    dropped = {k: timms["pretrained_cfg"].pop(k) for k in PROVENANCE_KEYS if k in timms["pretrained_cfg"]}
+    assert "tag" in dropped and not set(PROVENANCE_KEYS) & set(config["pretrained_cfg"])  # the arch's own weights'
+    assert config == timms
     assert config["architecture"] == spec["arch"] and config["model_args"]["in_chans"] == 1
     if spec["arch"] == "test_vit":
         assert config["model_args"]["patch_size"] == 4 and config["model_args"]["img_size"] == [16, 16]

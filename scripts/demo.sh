@@ -9,8 +9,9 @@ step() { printf '\n== %s\n' "$*"; }
 step "1/3 train: resnet18 + multi-center head on digits (5 epochs, CPU)"
 $BIN/mcc-train --data digits --arch resnet18 --img-size 32 --epochs 5 --out "$OUT/train" --overwrite
 
-step "2/3 export: collapse to the mean head, write ONNX, prove it is a vanilla timm resnet18"
+step "2/3 export: collapse to the mean head, write ONNX, prove it is a vanilla timm resnet18; evaluate the bundle"
 $BIN/mcc-export "$OUT/train/best.pt" --out "$OUT/bundle" --overwrite
+$BIN/mcc-eval "$OUT/bundle" --data digits --workers 0   # the served path: the top-1 model.json recorded
 
 step "3/3 serve: mcc-serve on 127.0.0.1:$PORT, then real digit images over HTTP"
 $BIN/mcc-serve "$OUT/bundle" --port "$PORT" --log-level warning > "$OUT/serve.log" 2>&1 &

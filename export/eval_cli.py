@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"mcc-eval: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the report could not be written after all (disk full, removed directory)
+        print(f"mcc-eval: error: {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

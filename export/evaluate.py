@@ -28,6 +28,7 @@ from mcc_serve.offline import (
     MAX_PIXELS,
     InputError,
     OfflineModel,
+    check_output,
     is_bundle,
     load_bundle,
     load_file,
@@ -74,6 +75,11 @@ class EvalConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.out is not None:
+            try:
+                check_output(self.out, "dir")
+            except InputError as e:
+                raise UsageError(str(e)) from None
         return self
 
 
@@ -133,7 +139,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             model = load_checkpoint_model(cfg.model, cfg.device, weights=cfg.weights)
     except (BundleError, InputError) as e:
         raise UsageError(str(e)) from None
-    splits = load_data(cfg.data, skip_bad_images=cfg.skip_bad_images)
+    splits = load_data(cfg.data, skip_bad_images=cfg.skip_bad_images, only=cfg.split)  # a test folder needs no train/
     check_classes(splits.class_names, model, cfg.data)
     dataset = getattr(splits, cfg.split)
     load = served_loader(dataset, model.preprocess) if bundle else transformed_loader(dataset, model)

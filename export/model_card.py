@@ -7,6 +7,7 @@ Written from model.json and the proof's report, after the proof, into the staged
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from .verify import MAX_ABS_TOL, Report
 
@@ -55,6 +56,13 @@ def summary(meta: dict, bundle_name: str) -> str:
     )
 
 
+def public_data(spec: str) -> str:
+    """A --data spec without the directories above its data folder (a card is meant for publishing):
+    ``imagefolder:/home/me/pets`` -> ``imagefolder:pets``."""
+    kind, sep, arg = spec.partition(":")
+    return f"{kind}:{Path(arg).name}" if sep and arg else spec
+
+
 def details(meta: dict, training_data: str | None) -> str:
     pre, head = meta["preprocess"], meta["head"]
     size = pre["input_size"][-1]
@@ -78,7 +86,7 @@ def details(meta: dict, training_data: str | None) -> str:
             f"scale to [0, 1], mean {_floats(pre['mean'])}, std {_floats(pre['std'])}"
             + (" (grayscale)" if meta["in_chans"] == 1 else " (RGB)"),
         ),
-        ("training data", f"`{_cell(training_data)}`" if training_data else "unknown"),
+        ("training data", f"`{_cell(public_data(training_data))}`" if training_data else "unknown"),
         ("training head", f"{head['type']}" + (f" ({mc})" if head["type"] == "mc" and mc else "")),
         (
             "weights",

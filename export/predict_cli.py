@@ -22,6 +22,7 @@ from mcc_serve.offline import (
     IMAGE_SUFFIXES,
     InputError,
     OfflineModel,
+    check_output,
     find_images,
     is_bundle,
     load_bundle,
@@ -103,6 +104,8 @@ def predict(args: argparse.Namespace) -> int:
                                ("--workers", args.workers, 0)):  # fmt: skip
         if value is not None and value < least:
             raise InputError(f"{flag} must be >= {least}, got {value}")
+    if args.out != "-":
+        check_output(args.out, "file")
     model = load_model(args.model, args.device, args.ema)
     k = min(args.top_k or 5, model.num_classes)
     files, missing = find_images(args.paths)
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return predict(args)
     except (InputError, BundleError) as e:
         print(f"mcc-predict: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output could not be written after all (disk full, removed directory)
+        print(f"mcc-predict: error: {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ a bundle's ONNX session here, or (in ``export``, which may import torch) a check
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,22 @@ class OfflineModel:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def check_output(path: str | Path, kind: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: ``kind`` "file" (a CSV) or "dir" (a report
+    directory). Creates nothing (InputError naming the path and the fix)."""
+    path = Path(path)
+    if path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+        what = "a directory" if kind == "file" else "not a directory"
+        raise InputError(f"--out {path}: is {what}; give a {'file name' if kind == 'file' else 'directory'}")
+    parent = path.parent if kind == "file" else path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {path}: {parent} is not writable")
 
 
 def is_bundle(path: str | Path) -> bool:

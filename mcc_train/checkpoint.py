@@ -10,7 +10,8 @@ Schema (version 1), a dict of plain types and tensors, loadable with ``torch.loa
 - ``config``: the TrainConfig as a dict; ``data_config``: timm's eval preprocessing (input_size, mean, std,
   interpolation, crop_pct)
 - optional: ``model_ema`` (with --model-ema: the EMA weights, the same keys as ``model``) and ``metrics_ema``;
-  ``schedule`` (``epochs``, ``updates_per_epoch``, ``sched``: what the saved scheduler state was planned for)
+  ``schedule`` (``epochs``, ``updates_per_epoch``, ``sched``: what the saved scheduler state was planned for);
+  ``early_stopped`` (--early-stop-patience ended the run here)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def make_state(*, cfg, data, model, optimizer, scheduler, scaler, ema, epoch: int, metrics: dict, best: tuple,
-               schedule: dict) -> dict:  # fmt: skip
+               schedule: dict, early_stopped: bool = False) -> dict:  # fmt: skip
     """The checkpoint dict of the schema above. ``data``: (class_names, in_chans, data_config); ``best``:
     (best_top1, best_epoch); ``ema``: timm's ModelEmaV3 or None."""
     class_names, in_chans, data_config = data
@@ -74,6 +75,7 @@ def make_state(*, cfg, data, model, optimizer, scheduler, scaler, ema, epoch: in
         "best_top1": best[0],
         "best_epoch": best[1],
         "schedule": schedule,
+        "early_stopped": early_stopped,
     }
     if ema is not None:
         state["model_ema"] = ema.module.state_dict()

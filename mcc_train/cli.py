@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = " ".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f.metadata["help"]
-        if "default:" not in help_text and "(none: off)" not in help_text:
+        if "default:" not in help_text and not (default is None and "(none: off)" in help_text):
             help_text += f" (default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
@@ -76,6 +76,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
         values.update(load_checkpoint(args["resume"])["config"])
         values.pop("overwrite", None)
+        values["out"] = os.path.dirname(args["resume"]) or "."  # in place, also when the run was moved
     file_values = load_yaml(args.pop("config")) if "config" in args else {}
     values.update(preset_values(args.get("mc_preset", file_values.get("mc_preset"))))
     values.update(file_values)

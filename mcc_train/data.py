@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,23 +79,38 @@ class ArrayDataset(Dataset):
 
 
 class FolderDataset(Dataset):
-    """Image files on disk with their labels."""
+    """Image files on disk with their labels.
 
-    def __init__(self, samples: list[tuple[Path, int]], transform=None, mode: str = "RGB"):
-        self.samples, self.transform, self.mode = samples, transform, mode
+    A file that fails to decode (its header read at start, its pixels truncated) stops the run with one line, or
+    with ``skip_bad`` is replaced by the next readable file of the same class (logged once per file).
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], transform=None, mode: str = "RGB", skip_bad: bool = False):
+        self.samples, self.transform, self.mode, self.skip_bad = samples, transform, mode, skip_bad
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
+        self.reported: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                img = to_8bit(img).convert(self.mode)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UsageError(f"unreadable image {path}: {e}; remove or replace it") from None
-        return (self.transform(img) if self.transform else img), label
+        for j in range(i, i + len(self.samples)):
+            path, label = self.samples[j % len(self.samples)]
+            if label != self.samples[i][1]:
+                continue
+            try:
+                with Image.open(path) as img:
+                    img = to_8bit(img).convert(self.mode)
+                return (self.transform(img) if self.transform else img), label
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+                if not self.skip_bad:
+                    raise UsageError(
+                        f"unreadable image {path}: {e}; remove or replace it, or pass --skip-bad-images"
+                    ) from None
+                if path not in self.reported:  # once per file (and per loader worker)
+                    self.reported.add(path)
+                    _logger.warning("skipping unreadable image: %s (%s); another of its class stands in", path, e)
+        raise UsageError(f"no readable image of class {self.samples[i][1]} left; check the data")
 
 
 @dataclass
@@ -112,13 +128,16 @@ class DataSplits:
         return len(self.class_names)
 
 
-def load_data(spec: str, subset: int | None = None, skip_bad_images: bool = False) -> DataSplits:
+def load_data(
+    spec: str, subset: int | None = None, skip_bad_images: bool = False, only: str | None = None
+) -> DataSplits:
     """Load the train and val splits named by a ``--data`` spec, without transforms.
 
     Args:
         spec: ``digits``, ``fashion-mnist[:DIR]``, ``imagefolder:ROOT``, ``cifar10:DIR`` or ``cifar100:DIR``.
         subset: keep only this many training images (a fixed random subset).
         skip_bad_images: leave unreadable image files out (listed in ``DataSplits.skipped``) instead of refusing.
+        only: ``"train"`` or ``"val"``: an image folder needs (and checks) only that split; the other is empty.
     """
     kind, _, arg = spec.partition(":")
     if kind not in DATA_KINDS:
@@ -130,7 +149,7 @@ def load_data(spec: str, subset: int | None = None, skip_bad_images: bool = Fals
     elif kind == "fashion-mnist":
         splits = _fashion_mnist(Path(arg or FASHION_MNIST_DIR), spec)
     elif kind == "imagefolder":
-        splits = _imagefolder(Path(arg), spec, skip_bad_images)
+        splits = _imagefolder(Path(arg), spec, skip_bad_images, (only,) if only else ("train", "val"))
     else:
         splits = _cifar(Path(arg), kind, spec)
     if subset is not None and subset < len(splits.train):
@@ -185,25 +204,30 @@ def _fashion_mnist(root: Path, spec: str) -> DataSplits:
     return DataSplits(train, val, list(FASHION_MNIST_CLASSES), True, "fashion-mnist", "Fashion-MNIST is grayscale")
 
 
-def _imagefolder(root: Path, spec: str, skip_bad_images: bool) -> DataSplits:
+def _imagefolder(root: Path, spec: str, skip_bad_images: bool, wanted: tuple[str, ...]) -> DataSplits:
     if not root.is_dir():
         raise UsageError(f"--data {spec}: no directory {root}")
     splits = {}
-    for split in ("train", "val"):
+    for split in wanted:
         folder = root / split
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         if not classes:
             raise UsageError(f"--data {spec}: no class folders under {folder}; expected {folder}/<class>/<image>")
         splits[split] = classes
-    if splits["val"] != splits["train"]:
+    if len(splits) == 2 and splits["val"] != splits["train"]:
         missing = sorted(set(splits["train"]) ^ set(splits["val"]))
         raise UsageError(f"--data {spec}: train and val class folders differ ({', '.join(missing[:5])})")
-    classes = splits["train"]
+    classes = splits[wanted[0]]
     samples = {
         split: [(p, label) for label, name in enumerate(classes) for p in _image_files(root / split / name)]
+        if split in wanted
+        else []
         for split in ("train", "val")
     }
+    started = time.monotonic()
     modes, bad = scan_images([p for p, _ in samples["train"]], [p for p, _ in samples["val"]])
+    _logger.info("checked %d image files in %.1fs (train headers, val decoded)", len(modes) + len(bad),
+                 time.monotonic() - started)  # fmt: skip
     if bad and not skip_bad_images:
         for path, reason in bad:
             _logger.error("unreadable image: %s (%s)", path, reason)
@@ -214,7 +238,7 @@ def _imagefolder(root: Path, spec: str, skip_bad_images: bool) -> DataSplits:
     skipped = {p for p, _ in bad}
     for path, reason in bad:
         _logger.warning("skipping unreadable image: %s (%s)", path, reason)
-    for split in ("train", "val"):
+    for split in wanted:
         samples[split] = [(p, label) for p, label in samples[split] if p not in skipped]
         empty = sorted(set(range(len(classes))) - {label for _, label in samples[split]})
         if empty:
@@ -229,8 +253,8 @@ def _imagefolder(root: Path, spec: str, skip_bad_images: bool) -> DataSplits:
     else:
         note = f"all {total} images are grayscale"
     return DataSplits(
-        FolderDataset(samples["train"]),
-        FolderDataset(samples["val"]),
+        FolderDataset(samples["train"], skip_bad=skip_bad_images),
+        FolderDataset(samples["val"], skip_bad=skip_bad_images),
         classes,
         not colour,
         "imagefolder",

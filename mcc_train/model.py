@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -96,13 +97,18 @@ def create_model(
                 in_chans=in_chans,
                 **timm_kwargs,
             )
-        except (RuntimeError, ValueError, KeyError) as e:
+        except Exception as e:  # whatever timm or the arch's key remapping raises on weights it cannot take
             raise UsageError(
-                f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} ({str(e).splitlines()[0][:200]})"
+                f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
             ) from None
         notes = [f"input conv adapted from {overlay['input_size'][0]} to {in_chans} channels"] * (
             "input_size" in overlay and overlay["input_size"][0] != in_chans
-        ) + ["its classifier has another size: dropped"] * (overlay["num_classes"] != num_classes)
+        )
+        if overlay["num_classes"] < 0:
+            notes.append("it has no classifier: a new one")
+        elif overlay["num_classes"] != num_classes:
+            notes.append(f"its {overlay['num_classes']}-class classifier dropped: a new one")
         _logger.info("initialised %s from %s%s", arch, pretrained_file, f" ({'; '.join(notes)})" if notes else "")
     if head == "mc":
         linear = model.get_submodule(path)
@@ -139,6 +145,7 @@ def _build(arch: str, **kwargs) -> nn.Module:
         ) from None
 
 
+TRACKED = "num_batches_tracked"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin", ".pt")
 
 
@@ -179,23 +186,32 @@ def pretrained_overlay(model: nn.Module, arch: str, pretrained_file: str | Path,
     """
     file, config = weights_file(Path(pretrained_file), arch)
     flag = f"--pretrained-file {pretrained_file}"
-    try:
-        state = timm.models.load_state_dict(str(file), weights_only=True)
+    try:  # timm's train.py checkpoints also pickle their argparse.Namespace: plain values, allowed
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = timm.models.load_state_dict(str(file), weights_only=True)
     except Exception as e:
-        raise UsageError(f"{flag}: not a readable weights file ({type(e).__name__}: {str(e)[:160]})") from None
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UsageError(f"{flag}: not a readable weights file ({type(e).__name__}: {first})") from None
     # an mcc-train checkpoint: timm's loader has taken its "model" (or "model_ema") weights; an MC head's mean centers
     # are its linear classifier, so only log_var goes
     state.pop(f"{classifier}.log_var", None)
+    # NOTE: timm passes an arch's filter to its builder without recording it on the model; the convention is a
+    # module-level checkpoint_filter_fn, which every arch with a remapping that we know of follows
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     filtered = state
     if filter_fn is not None:  # the arch's own remapping of other checkpoint layouts, as timm applies it
         try:
             filtered = filter_fn(dict(state), model)
-        except Exception:
-            filtered = state
+        except Exception as e:
+            raise UsageError(
+                f"{flag}: {arch}'s checkpoint filter cannot remap it ({type(e).__name__}: {str(e)[:120]}); "
+                "is it weights of another architecture?"
+            ) from None
     own = model.state_dict()
     unexpected = [k for k in filtered if k not in own]
-    missing = [k for k in own if k not in filtered and not k.startswith(classifier + ".")]
+    missing = [  # BatchNorm step counters are missing from many published files; torch and timm load without them
+        k for k in own if k not in filtered and not k.startswith(classifier + ".") and not k.endswith(TRACKED)
+    ]
     if unexpected or missing:
         raise UsageError(
             f"{flag}: does not fit {arch} ({len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} "
@@ -205,6 +221,7 @@ def pretrained_overlay(model: nn.Module, arch: str, pretrained_file: str | Path,
     file_classes = state[f"{classifier}.weight"].shape[0] if f"{classifier}.weight" in state else -1
     first_conv = model.pretrained_cfg.get("first_conv")
     overlay = {"state_dict": state, "num_classes": file_classes}  # loaded once, then timm's load_pretrained
+    overlay |= {k: tuple(pretrained_cfg[k]) for k in ("mean", "std") if pretrained_cfg.get(k)}  # a snapshot's own
     if isinstance(first_conv, str) and f"{first_conv}.weight" in filtered:
         source_chans = filtered[f"{first_conv}.weight"].shape[1] * model.get_submodule(first_conv).groups
         size = pretrained_cfg.get("input_size") or model.pretrained_cfg.get("input_size") or (3, 224, 224)

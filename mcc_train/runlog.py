@@ -29,29 +29,48 @@ METRIC_FIELDS = [
     "logit_spread",
     "epoch_time_s",
 ]
-RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "curves.png", "config.yaml")  # what a new --overwrite run replaces
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "curves.png", "config.yaml")  # what a run in another's --out replaces
 
 
 class RunLog:
-    """The run's record in ``out``; ``start`` writes config.yaml, ``epoch`` appends one row everywhere."""
+    """The run's record in ``out``; ``start`` writes config.yaml, ``epoch`` appends one row everywhere.
 
-    def __init__(self, out: Path, cfg: TrainConfig, start_epoch: int):
-        self.out, self.cfg = out, cfg
-        self.rows = read_metrics(out / "metrics.csv", start_epoch)
-        self.writer = None
+    Args:
+        out: the run directory.
+        cfg: the run's config.
+        start_epoch: epochs already done (a resumed run).
+        history: directory whose metrics.csv a resumed run continues (rows up to ``start_epoch``), or None.
+        replace: ``out`` may hold another run's files (--overwrite, or a resume into another directory): they are
+            set aside in ``out/.replaced`` at ``start``, deleted once this run's first checkpoint is written, and
+            put back if the run ends before that.
+    """
+
+    def __init__(self, out: Path, cfg: TrainConfig, start_epoch: int, history: Path | None, replace: bool):
+        self.out, self.cfg, self.replace = out, cfg, replace
+        self.rows = read_metrics(history / "metrics.csv", start_epoch) if history is not None else []
+        self.writer, self.set_aside = None, None
 
     def start(self, skipped_images: list[str]) -> None:
-        """Create ``out`` and write config.yaml; a new run first clears an older run's files (--overwrite)."""
+        """Create ``out``, set an older run's files aside, write config.yaml."""
         self.out.mkdir(parents=True, exist_ok=True)
-        if not self.cfg.resume:
-            for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+        old = [self.out / n for n in (*RUN_FILES, "tensorboard") if (self.out / n).exists()] if self.replace else []
+        if old:
+            self.set_aside = self.out / ".replaced"
+            shutil.rmtree(self.set_aside, ignore_errors=True)
+            self.set_aside.mkdir()
+            for path in old:
+                path.rename(self.set_aside / path.name)
         save_yaml(self.cfg, self.out / "config.yaml", skipped_images)
         if self.cfg.tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=len(self.rows) + 1)
+
+    def saved(self) -> None:
+        """This run's checkpoint is on disk: the older run's files go for good."""
+        if self.set_aside is not None:
+            shutil.rmtree(self.set_aside, ignore_errors=True)
+            self.set_aside = None
 
     def epoch(self, metrics: dict) -> None:
         """Record one finished epoch: metrics.csv (atomically), curves.png, TensorBoard, the log line."""
@@ -85,8 +104,16 @@ class RunLog:
         )
 
     def close(self) -> None:
+        """End the record; a run that wrote no checkpoint puts the older run's files back as they were."""
         if self.writer is not None:
             self.writer.close()
+        if self.set_aside is not None:
+            for name in RUN_FILES:  # this run's, if any
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+            for path in self.set_aside.iterdir():
+                path.rename(self.out / path.name)
+            self.set_aside.rmdir()
 
 
 def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:

@@ -273,18 +273,20 @@ class BalancedSampler(torch.utils.data.Sampler):
         return iter(draw[self.rank :: self.num_replicas].tolist())
 
 
-def check_out_dir(cfg: TrainConfig) -> Path:
-    """Refuse an --out that is a file, or holds an earlier run, unless resuming or --overwrite; creates nothing
-    (the run creates it once everything is built: a failed start leaves no empty directory)."""
+def check_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """(--out, whether it continues the resumed run in place). Refuses an --out that is a file, or that holds another
+    run, unless --overwrite; creates nothing (the run creates it once everything is built: a failed start leaves no
+    empty directory)."""
     out = Path(cfg.out)
+    in_place = bool(cfg.resume) and out.resolve() == Path(cfg.resume).resolve().parent
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
-    if not cfg.resume and not cfg.overwrite and (out / "last.pt").exists():
+    if not in_place and not cfg.overwrite and (out / "last.pt").exists():
         raise UsageError(
             f"--out {out} already holds a run; continue it with --resume {out / 'last.pt'}, "
             "pick another --out, or pass --overwrite"
         )
-    return out
+    return out, in_place
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, classifier: str) -> torch.optim.Optimizer:
@@ -358,10 +360,16 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     start_time = time.time()
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
-    out = check_out_dir(cfg)
+    out, in_place = check_out_dir(cfg)
 
     splits = load_data(cfg.data, cfg.subset, cfg.skip_bad_images)
-    in_chans = cfg.in_chans or (1 if splits.grayscale else 3)
+    if resume is not None and splits.class_names != list(resume["class_names"]):
+        raise UsageError(
+            f"--resume {cfg.resume}: --data {cfg.data} has classes {splits.class_names[:5]}..., the run was trained "
+            f"on {list(resume['class_names'])[:5]}...; resume on its own data"
+        )
+    auto_chans = resume["in_chans"] if resume is not None else (1 if splits.grayscale else 3)
+    in_chans = cfg.in_chans or auto_chans
     hflip = cfg.hflip if cfg.hflip is not None else (0.0 if splits.name == "digits" else 0.5)
     random_seed(cfg.seed, 0)  # the same initial weights on every rank
     model = create_model(
@@ -403,7 +411,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
                            num_classes=splits.num_classes)  # fmt: skip
     start_epoch, best = restore(resume, step, cfg, schedule) if resume is not None else (0, (-1.0, 0))
 
-    log = RunLog(out, cfg, start_epoch) if rt.is_main else None
+    history = None if resume is None else Path(cfg.resume).parent  # the metrics.csv a resumed run continues
+    log = RunLog(out, cfg, start_epoch, history, replace=not in_place) if rt.is_main else None
     if log is not None:
         log.start(splits.skipped)
         _logger.info(
@@ -415,7 +424,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             len(splits.train),
             len(splits.val),
             in_chans,
-            "--in-chans" if cfg.in_chans else splits.channels_note,
+            "--in-chans" if cfg.in_chans else ("as the resumed run" if resume is not None else splits.channels_note),
             sum(p.numel() for p in model.parameters()) / 1e6,
             rt.device,
             rt.world_size,
@@ -451,15 +460,18 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             is_best = score > best[0]
             if is_best:
                 best = (score, epoch + 1)
+            stop = cfg.early_stop_patience is not None and epoch + 1 - best[1] >= cfg.early_stop_patience
             if log is not None:
                 log.epoch(metrics)  # before the checkpoint: a resume trims rows past it
                 state = make_state(cfg=cfg, data=(splits.class_names, in_chans, data_config), model=model,
                                    optimizer=optimizer, scheduler=step.scheduler, scaler=step.scaler, ema=step.ema,
-                                   epoch=epoch + 1, metrics=metrics, best=best, schedule=schedule)  # fmt: skip
+                                   epoch=epoch + 1, metrics=metrics, best=best, schedule=schedule,
+                                   early_stopped=stop)  # fmt: skip
                 save_checkpoint(state, out / "last.pt")
                 if is_best:
                     save_checkpoint(state, out / "best.pt")
-            if cfg.early_stop_patience is not None and epoch + 1 - best[1] >= cfg.early_stop_patience:
+                log.saved()
+            if stop:
                 _logger.info("early stop: no better top-1 for %d epochs (best %.2f at epoch %d)",
                              cfg.early_stop_patience, *best)  # fmt: skip
                 break
@@ -477,34 +489,54 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
 
 
 def restore(resume: dict, step: Step, cfg: TrainConfig, schedule: dict) -> tuple[int, tuple[float, int]]:
-    """Load a checkpoint's model, optimizer, scaler, EMA and (when it was planned for the same run length) scheduler
-    state; returns (epochs done, (best top-1, its epoch)).
+    """Continue a run: the checkpoint's weights, optimizer moments, grad scaler and EMA; the learning rates, weight
+    decay and schedule come from ``cfg`` (the run's config with the flags given now), positioned at the epoch
+    reached. Returns (epochs done, (best top-1, its epoch)).
 
-    A different --epochs, --sched or number of updates per epoch re-plans the schedule for the new run: the
-    remaining epochs follow the new schedule as a run planned that way from the start would, and the log says so.
+    An unchanged config resumes exactly (tested against an unbroken run). Another --epochs, --sched or number of
+    updates per epoch re-plans the schedule: the remaining epochs follow it as a run planned that way from the
+    start would. Another optimizer layout (--opt, --head-lr-scale on or off, --layer-decay) starts the optimizer's
+    moments afresh. Both are logged.
     """
-    step.model.load_state_dict(resume["model"])
-    step.optimizer.load_state_dict(resume["optimizer"])
-    old = resume.get("schedule") or {"epochs": resume["config"].get("epochs"), "sched": "cosine",
-                                     "updates_per_epoch": step.updates_per_epoch}  # fmt: skip
-    if old == schedule:
-        step.scheduler.load_state_dict(resume["scheduler"])
+    start_epoch, saved = resume["epoch"], resume["config"]
+    if start_epoch >= cfg.epochs:
+        raise UsageError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; raise --epochs to go on")
+    if resume.get("early_stopped") and cfg.early_stop_patience == saved.get("early_stop_patience"):
+        raise UsageError(
+            f"--resume {cfg.resume}: the run stopped early at epoch {start_epoch} (no better top-1 for "
+            f"{cfg.early_stop_patience} epochs); raise --early-stop-patience or pass --early-stop-patience none"
+        )
+    try:
+        step.model.load_state_dict(resume["model"])
+        if step.ema is not None:
+            step.ema.module.load_state_dict(resume.get("model_ema", resume["model"]))
+    except RuntimeError as e:
+        raise UsageError(
+            f"--resume {cfg.resume}: its weights do not fit {cfg.arch} as configured now "
+            f"({str(e).splitlines()[-1].strip()[:120]}); resume with the run's own --arch and --model-kwargs"
+        ) from None
+    if step.ema is not None and "model_ema" not in resume:
+        _logger.info("resume: the checkpoint has no EMA weights; the EMA starts from its model weights")
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in step.optimizer.param_groups]  # as cfg says
+    layout = [len(g["params"]) for g in step.optimizer.param_groups]
+    if saved.get("opt", "adamw").lower() == cfg.opt.lower() and layout == [
+        len(g["params"]) for g in resume["optimizer"]["param_groups"]
+    ]:
+        step.optimizer.load_state_dict(resume["optimizer"])
+        for group, values in zip(step.optimizer.param_groups, hyper, strict=True):
+            group.update(values)  # --lr, --weight-decay, --momentum, --head-lr-scale given now
     else:
-        step.scheduler.step_update(resume["epoch"] * step.updates_per_epoch)
+        _logger.info("resume: the optimizer's parameter groups changed (--opt, --head-lr-scale or --layer-decay); "
+                     "its moments start afresh")  # fmt: skip
+    if resume.get("scaler"):
+        step.scaler.load_state_dict(resume["scaler"])
+    step.scheduler.step_update(start_epoch * step.updates_per_epoch)  # the schedule cfg plans, where the run is
+    old = resume.get("schedule") or {"epochs": saved.get("epochs"), "sched": saved.get("sched", "cosine"),
+                                     "updates_per_epoch": step.updates_per_epoch}  # fmt: skip
+    if old != schedule:
         _logger.info(
             "resume: schedule re-planned for %d epochs of %d updates (%s; was %s epochs of %s, %s); lr now %.2e",
             cfg.epochs, step.updates_per_epoch, cfg.sched, old["epochs"], old["updates_per_epoch"], old["sched"],
             step.optimizer.param_groups[0]["lr"],
         )  # fmt: skip
-    if resume.get("scaler"):
-        step.scaler.load_state_dict(resume["scaler"])
-    if step.ema is not None:
-        if "model_ema" in resume:
-            step.ema.module.load_state_dict(resume["model_ema"])
-        else:
-            step.ema.module.load_state_dict(resume["model"])
-            _logger.info("resume: the checkpoint has no EMA weights; the EMA starts from its model weights")
-    start_epoch = resume["epoch"]
-    if start_epoch >= cfg.epochs:
-        raise UsageError(f"--resume {cfg.resume}: already trained {start_epoch} epochs; raise --epochs to go on")
     return start_epoch, (resume["best_top1"], resume["best_epoch"])

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def test_eval_on_a_folder_lists_misclassified_files_and_matches_the_checkpoint(b
         for row in read_csv(out / "misclassified.csv"):
             assert Path(row["path"]).is_file() and row["path"].startswith(str(data / "val"))
     assert tops[0] == tops[1]
+    shutil.rmtree(data / "train")  # a held-out folder with val/ alone evaluates the same
+    assert eval_main([str(bundle), "--data", f"imagefolder:{data}", "--out", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["top1"] == tops[0]
+
+
+def test_eval_refuses_an_unwritable_out_before_any_work(bundle, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert eval_main([str(bundle), "--data", "digits", "--out", str(tmp_path / "file" / "r")]) == 2
+    assert "is a file, not a directory" in one_error_line(capsys.readouterr().err, "mcc-eval")
 
 
 def test_eval_refuses_data_whose_classes_are_not_the_models(bundle, tmp_path, capsys):
@@ -193,6 +203,8 @@ def test_predict_on_a_bundle_runs_without_torch(bundle, photos, trained_run, tmp
         ("top-k-0", "--top-k must be >= 1"),
         ("no-images", "no image files in"),
         ("none-readable", "none of the 1 image files could be read"),
+        ("out-is-a-directory", "is a directory; give a file name"),
+        ("out-under-a-file", "is a file, not a directory"),
     ],
 )
 def test_predict_bad_input_is_one_line_and_exit_2(case, message, bundle, tmp_path, capsys):
@@ -210,11 +222,13 @@ def test_predict_bad_input_is_one_line_and_exit_2(case, message, bundle, tmp_pat
         extra = ["--top-k", "0"]
     elif case == "none-readable":
         paths = [str(tmp_path / "bad.png")]
-    out = tmp_path / "p.csv"
+    out = {"out-is-a-directory": tmp_path / "empty", "out-under-a-file": tmp_path / "bad.png" / "p.csv"}.get(
+        case, tmp_path / "p.csv"
+    )
     assert predict_main([model, *paths, "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in one_error_line(err[-1], "mcc-predict")
-    assert not out.exists()  # no partial CSV
+    assert not out.is_file()  # no partial CSV
 
 
 def test_ema_weights_evaluate_to_the_top1_the_ema_bundle_records(tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_help_documents_every_flag():
 
 
 def test_kill_9_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
-    args = [*FAST_TRAIN, "--epochs", "3"]
+    args = [*FAST_TRAIN, "--epochs", "3", "--model-ema"]  # the EMA weights resume exactly too
     reference = run_cli("mcc_train", *args, "--out", tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
 
@@ -89,8 +89,9 @@ def test_kill_9_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
         assert resumed.returncode == 0, resumed.stderr
     final, ref = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "ref" / "last.pt")
     assert final["epoch"] == 3
-    for key, value in ref["model"].items():  # the same weights as the run that was never interrupted
-        torch.testing.assert_close(final["model"][key], value, rtol=0, atol=0, msg=key)
+    for weights in ("model", "model_ema"):  # the same weights as the run that was never interrupted
+        for key, value in ref[weights].items():
+            torch.testing.assert_close(final[weights][key], value, rtol=0, atol=0, msg=f"{weights}: {key}")
     assert final["optimizer"]["param_groups"][0]["lr"] == ref["optimizer"]["param_groups"][0]["lr"]
     with open(out / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]

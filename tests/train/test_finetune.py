@@ -13,7 +13,7 @@ from mcc_train import TrainConfig, UsageError, create_model
 from mcc_train.checkpoint import load_checkpoint
 from mcc_train.cli import build_parser, main
 from mcc_train.model import classifier_path
-from mcc_train.train import BalancedSampler, build_optimizer, build_scheduler, set_backbone_trainable
+from mcc_train.train import BalancedSampler, build_optimizer, build_scheduler
 
 from ..conftest import FAST_TRAIN, make_imagefolder
 
@@ -101,18 +101,34 @@ def test_head_lr_scale_and_layer_decay_reach_the_learning_rates():
     assert len(scales) > 2 and scales[-1] == 1.0 and math.isclose(scales[-2], 0.5)
 
 
-def test_a_frozen_backbone_does_not_move_but_the_head_does(tmp_path):
+def adam_steps(ckpt: dict, model) -> dict[str, int]:
+    """Optimizer steps each parameter took, by name (AdamW keeps no state for a parameter that never had a grad)."""
+    names = [n for n, _ in model.named_parameters()]
+    order = [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]]  # state keys, group by group
+    by_index = dict(zip(order, groups_in_order(model, ckpt), strict=True))
+    return {by_index[i]: int(state["step"]) for i, state in ckpt["optimizer"]["state"].items()} | {
+        n: 0 for n in names if n not in {by_index[i] for i in ckpt["optimizer"]["state"]}
+    }
+
+
+def groups_in_order(model, ckpt) -> list[str]:
+    """Parameter names in the order timm's param_groups_weight_decay puts them: decayed, then not decayed."""
+    params = list(model.named_parameters())
+    decay = [n for n, p in params if p.ndim > 1]
+    no_decay = [n for n, p in params if p.ndim <= 1]
+    sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
+    assert sizes == [len(no_decay), len(decay)] or sizes == [len(decay), len(no_decay)]
+    return no_decay + decay if sizes[0] == len(no_decay) else decay + no_decay
+
+
+def test_a_frozen_backbone_takes_no_steps_in_its_frozen_epochs(tmp_path):
     assert run(tmp_path, "frozen", "--epochs", "2", "--freeze-backbone-epochs", "1") == 0
-    model = create_model("resnet10t", 10, in_chans=1)
-    classifier = classifier_path(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    set_backbone_trainable(model, classifier, False)
-    optimizer = build_optimizer(model, TrainConfig(), classifier)
-    model(torch.randn(4, 1, 16, 16)).sum().backward()
-    optimizer.step()
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k, _ in model.named_parameters() if not k.startswith("fc."))
-    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    ckpt = load_checkpoint(tmp_path / "frozen" / "last.pt")
+    steps = adam_steps(ckpt, create_model("resnet10t", 10, in_chans=1))
+    head = {n: s for n, s in steps.items() if n.startswith("fc.")}
+    body = {n: s for n, s in steps.items() if not n.startswith("fc.")}
+    assert set(head.values()) == {8}  # 4 updates per epoch, both epochs
+    assert set(body.values()) == {4}  # the second epoch only
 
 
 def lrs(out):
@@ -120,11 +136,12 @@ def lrs(out):
         return [float(r["lr"]) for r in csv.DictReader(f)]
 
 
-def test_resume_with_more_epochs_replans_the_schedule(tmp_path, capsys):
+def test_resume_with_more_epochs_replans_the_schedule_with_the_flags_given_now(tmp_path, capsys):
     assert run(tmp_path, "short", "--epochs", "2") == 0
-    assert main(["--resume", str(tmp_path / "short" / "last.pt"), "--epochs", "4", "--workers", "0"]) == 0
+    resume = ["--resume", str(tmp_path / "short" / "last.pt"), "--workers", "0"]
+    assert main([*resume, "--epochs", "4", "--lr", "5e-3"]) == 0
     assert "schedule re-planned for 4 epochs" in capsys.readouterr().err
-    assert run(tmp_path, "long", "--epochs", "4") == 0
+    assert run(tmp_path, "long", "--epochs", "4", "--lr", "5e-3") == 0
     resumed, planned = lrs(tmp_path / "short"), lrs(tmp_path / "long")
     assert resumed[2:] == pytest.approx(planned[2:], rel=1e-9)  # the added epochs follow the 4-epoch cosine
     assert resumed[2] > 10 * resumed[3] > 0  # not stuck at --min-lr
@@ -163,6 +180,10 @@ def test_balanced_sampler_evens_out_classes_and_shards_ranks():
 def test_timm_optimizer_and_schedule_by_name_and_tensorboard(tmp_path, capsys):
     assert run(tmp_path, "sgd", "--opt", "sgd", "--sched", "step", "--epochs", "2", "--lr", "0.01") == 0
     assert list((tmp_path / "sgd" / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(tmp_path / "sgd" / "last.pt")
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.9 and "betas" not in group  # SGD, not AdamW
+    assert "decay_t" in ckpt["scheduler"]  # timm's StepLRScheduler
     assert run(tmp_path, "bad", "--opt", "adamz") == 2
     assert "--opt 'adamz': not a timm optimizer" in capsys.readouterr().err
     assert run(tmp_path, "bad", "--sched", "plateau") == 2
@@ -180,3 +201,61 @@ def test_help_states_each_default_once():
     assert helps["in_chans"] == "input channels (default: 1 when every image is grayscale, else 3)"
     assert helps["lr"].endswith("(default: 0.001)")
     assert all(text.count("default:") <= 1 for text in helps.values()), helps
+
+
+def test_resume_takes_another_optimizer_or_head_lr_and_refuses_other_data(tmp_path, capsys):
+    assert run(tmp_path, "r", "--epochs", "1") == 0
+    last = str(tmp_path / "r" / "last.pt")
+    assert main(["--resume", last, "--epochs", "2", "--opt", "sgd", "--head-lr-scale", "5", "--workers", "0"]) == 0
+    assert "its moments start afresh" in capsys.readouterr().err
+    assert load_checkpoint(last)["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    root = make_imagefolder(tmp_path / "d", per_class=2, mode="L")
+    assert main(["--resume", last, "--epochs", "3", "--data", f"imagefolder:{root}", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mcc-train: error: --resume") and "resume on its own data" in err[-1]
+
+
+def test_resume_goes_in_place_and_an_early_stop_is_final(tmp_path, capsys):
+    out = tmp_path / "stop"
+    assert run(tmp_path, "stop", "--epochs", "6", "--lr", "1e-12", "--warmup-lr", "1e-12", "--min-lr", "0",
+               "--early-stop-patience", "1") == 0  # fmt: skip
+    assert load_checkpoint(out / "last.pt")["early_stopped"]
+    moved = tmp_path / "moved"
+    out.rename(moved)  # the run moved: --resume continues where the checkpoint is, not at the old --out
+    assert main(["--resume", str(moved / "last.pt"), "--workers", "0"]) == 2
+    assert "stopped early at epoch 2" in capsys.readouterr().err
+    assert main(["--resume", str(moved / "last.pt"), "--early-stop-patience", "none", "--epochs", "3"]) == 0
+    assert load_checkpoint(moved / "last.pt")["epoch"] == 3 and not out.exists()
+    with open(moved / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+    assert run(tmp_path, "other", "--epochs", "1") == 0
+    assert main(["--resume", str(moved / "last.pt"), "--epochs", "4", "--out", str(tmp_path / "other")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_older_run_until_the_new_one_has_a_checkpoint(tmp_path, capsys):
+    assert run(tmp_path, "o", "--epochs", "1") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()}
+    assert run(tmp_path, "o", "--overwrite", "--lr", "1e30", "--warmup-epochs", "0", "--clip-grad", "none") == 2
+    assert "diverged" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()} == before
+    assert not (tmp_path / "o" / ".replaced").exists()
+    assert run(tmp_path, "o", "--overwrite", "--epochs", "1", "--seed", "1") == 0
+    assert load_checkpoint(tmp_path / "o" / "last.pt")["config"]["seed"] == 1
+    assert not (tmp_path / "o" / ".replaced").exists()
+
+
+def test_balanced_sampler_is_what_training_draws_from(tmp_path, monkeypatch):
+    from mcc_train import train as train_module
+
+    seen = []
+    original = train_module.build_loaders
+
+    def spy(splits, cfg, rt):
+        loaders = original(splits, cfg, rt)
+        seen.append(type(loaders[1]).__name__)
+        return loaders
+
+    monkeypatch.setattr(train_module, "build_loaders", spy)
+    assert run(tmp_path, "bal", "--balanced-sampler") == 0
+    assert seen == ["BalancedSampler"]

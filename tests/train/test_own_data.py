@@ -133,3 +133,13 @@ def test_a_16_bit_folder_trains_like_its_8_bit_copy(tmp_path):
     assert a["in_chans"] == b["in_chans"] == 1
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+
+
+def test_a_train_image_truncated_past_its_header_is_skipped_with_the_flag(tmp_path, capsys):
+    root = make_imagefolder(tmp_path / "d", per_class=3)
+    bad = root / "train" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header reads; the pixels do not
+    assert main(folder_args(root, tmp_path / "a")) == 2
+    assert "pass --skip-bad-images" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(folder_args(root, tmp_path / "b", "--skip-bad-images", "--epochs", "2")) == 0
+    assert capsys.readouterr().err.count(f"skipping unreadable image: {bad}") == 1  # once, not every epoch

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from mcc_serve.bundle import WEIGHTS
-from mcc_train import UsageError, classifier_path, create_model, get_mc_head, load_checkpoint
+from mcc_train import UsageError, classifier_path, create_model, load_checkpoint
 from mcc_train.head import MC_PRESETS, MCSettings
-from mcc_train.model import timm_size_kwargs
+from mcc_train.model import test_time_classifier, timm_size_kwargs
 
 
 @dataclass
@@ -76,6 +76,7 @@ def load_trained(path: str | Path, weights: str = "model") -> LoadedCheckpoint:
         in_chans=ckpt["in_chans"],
         mc=mc_settings(cfg),
         img_size=int(ckpt["data_config"]["input_size"][-1]),
+        **loss_settings(cfg),
         **cfg.get("model_kwargs", {}),
     )
     try:
@@ -93,12 +94,18 @@ def mc_settings(cfg: dict) -> MCSettings:
     return MCSettings(**{k: cfg.get(k, v) for k, v in paper.items()})
 
 
+def loss_settings(cfg: dict) -> dict:
+    """The softmax variant a checkpoint was trained with (an older checkpoint: plain softmax)."""
+    return {"loss": cfg.get("loss", "softmax"), "margin": cfg.get("margin"), "margin_scale": cfg.get("margin_scale")}
+
+
 def collapse(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose MultiCenterHead is replaced by ``head.to_linear()`` (mean centers, bias)."""
+    """A copy of ``model`` whose classifier is its test-time one (``mcc_train.model.test_time_classifier``): the MC
+    head's mean centers and bias as an ``nn.Linear``, or for CosFace/ArcFace the ``CosineLinear`` of the mean centers
+    (scaled by s, zero bias, normalising its input)."""
     model = copy.deepcopy(model).eval()
-    head = get_mc_head(model)
-    if head is not None:
-        model.set_submodule(classifier_path(model), head.to_linear())
+    path = classifier_path(model)
+    model.set_submodule(path, test_time_classifier(model.get_submodule(path)))
     return model
 
 

@@ -11,10 +11,12 @@ import yaml
 
 from .errors import UsageError
 from .head import MC_DEFAULTS, MC_PRESETS, SAMPLING_MODES, SIGMA_MODES, MCSettings
+from .margins import LOSSES, make_margin
 
 # timm.create_model arguments that mcc sets itself; --model-kwargs may not name them
 RESERVED_MODEL_KWARGS = {"arch", "head", "mc", "pretrained", "num_classes", "in_chans", "img_size", "pretrained_file",
                          "pretrained_cfg", "pretrained_cfg_overlay", "drop_rate"}  # fmt: skip
+RESERVED_MODEL_KWARGS |= {"loss", "margin", "margin_scale"}
 RESERVED_MODEL_KWARGS |= set(MCSettings.__dataclass_fields__)
 RENAMED = {"checkpoint_path": "pretrained_file"}  # old key (flag, YAML, older checkpoints) -> field
 SCHEDULERS = ("cosine", "tanh", "poly", "step", "multistep")  # timm's create_scheduler_v2 names that need no metric
@@ -56,6 +58,19 @@ class TrainConfig:
         MC_DEFAULTS.sampling, "shared (the paper: one draw per step) | local (per-sample logit draw, cheaper)"
     )
     kl_weight: float = _f(MC_DEFAULTS.kl_weight, "weight of the std loss L_sigma (0 removes it)")
+    loss: str = _f("softmax", f"softmax variant, with either head: {' | '.join(LOSSES)}")
+    margin: float | None = _f(
+        None,
+        "the variant's margin m (default: "
+        + ", ".join(f"{k} {v.margin:g}" for k, v in LOSSES.items() if v.margin)
+        + ")",
+    )
+    margin_scale: float | None = _f(
+        None,
+        "cosface/arcface scale s (default: "
+        + ", ".join(f"{k} {v.scale:g}" for k, v in LOSSES.items() if v.scale)
+        + ")",
+    )
     drop_rate: float = _f(0.0, "dropout before the classifier")
     pretrained_file: str | None = _f(
         None, "fine-tune from local timm weights: .safetensors/.pth/.bin, or a directory with config.json (a bundle)"
@@ -145,6 +160,15 @@ class TrainConfig:
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (0 <= self.drop_rate < 1, f"--drop-rate must be in [0, 1), got {self.drop_rate}"),
             (self.head in ("mc", "linear"), f"--head must be mc or linear, got {self.head!r}"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (
+                self.loss != "softmax" or (self.margin is None and self.margin_scale is None),
+                "--margin and --margin-scale apply to --loss lsoftmax, cosface or arcface",
+            ),
+            (
+                self.loss == "softmax" or self.head == "linear" or self.sampling == "shared",
+                f"--loss {self.loss} scores sampled sub-center rows: use --sampling shared",
+            ),
             (
                 self.sampling in SAMPLING_MODES,
                 f"--sampling must be {' or '.join(SAMPLING_MODES)}, got {self.sampling!r}",
@@ -171,6 +195,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.loss in LOSSES:
+            try:
+                make_margin(self.loss, self.margin, self.margin_scale)
+            except ValueError as e:
+                raise UsageError(f"--margin/--margin-scale: {e}") from None
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from .margins import LOSSES, Margin, to_cosine_linear
+
 SAMPLING_MODES = ("shared", "local")
 SIGMA_MODES = ("absolute", "relative")
 
@@ -79,7 +81,9 @@ class MultiCenterHead(nn.Module):
         num_classes: C.
         num_subcenters, center_weight, sigma_scale, sigma_mode, sampling: as ``MCSettings``; the defaults are
             ``MC_DEFAULTS``.
-        bias: keep a per-class bias, shared by the mean and its sub-centers.
+        bias: keep a per-class bias, shared by the mean and its sub-centers (none with a cosine ``margin``).
+        margin: a softmax variant (``mcc_train.margins``: L-Softmax, CosFace, ArcFace) scoring the mean centers and
+            the sampled sub-centers alike; None: plain softmax. Needs shared sampling (a local draw has no rows).
     """
 
     def __init__(
@@ -92,9 +96,14 @@ class MultiCenterHead(nn.Module):
         bias: bool = True,
         sampling: str = MC_DEFAULTS.sampling,
         sigma_mode: str = MC_DEFAULTS.sigma_mode,
+        margin: Margin | None = None,
     ):
         super().__init__()
         check_head_args(num_subcenters, center_weight, sigma_scale, sampling, sigma_mode)
+        if margin is not None and margin.loss != "softmax" and sampling == "local":
+            raise ValueError(f"--loss {margin.loss} scores sampled sub-center rows: use --sampling shared")
+        self.margin = margin
+        bias = bias and not (margin is not None and LOSSES[margin.loss].cosine)
         self.in_features = in_features
         self.num_classes = num_classes
         self.num_subcenters = num_subcenters
@@ -158,10 +167,16 @@ class MultiCenterHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            if self.margin is not None:
+                return self.margin.test_logits(x, self.weight, self.bias)  # (B, d) -> (B, C)
             return F.linear(x, self.weight, self.bias)  # (B, d) -> (B, C)
         if self.sampling == "local":
             return self._forward_local(x)
-        bias = None if self.bias is None else self.bias.repeat_interleave(self.num_subcenters + 1)
+        K = self.num_subcenters
+        bias = None if self.bias is None else self.bias.repeat_interleave(K + 1)  # (C*(K+1),)
+        if self.margin is not None:
+            row_class = torch.arange(self.num_classes, device=x.device).repeat_interleave(K + 1)  # (C*(K+1),)
+            return self.margin.train_logits(x, self.sample_centers(), bias, row_class)  # (B, d) -> (B, C*(K+1))
         return F.linear(x, self.sample_centers(), bias)  # (B, d) -> (B, C*(K+1))
 
     def _forward_local(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +192,10 @@ class MultiCenterHead(nn.Module):
         return -0.5 * torch.sum(1 + self.log_var - self.log_var.exp()) / self.num_classes
 
     def to_linear(self) -> nn.Linear:
-        """The test-time classifier: an ``nn.Linear`` holding copies of the mean centers and bias."""
+        """The test-time classifier: an ``nn.Linear`` holding copies of the mean centers and bias; with a cosine
+        margin, the ``CosineLinear`` of the mean centers (``s * cos``)."""
+        if self.margin is not None and self.margin.kind.cosine:
+            return to_cosine_linear(self.weight.detach(), self.margin.scale)
         linear = nn.Linear(self.in_features, self.num_classes, bias=self.bias is not None)
         linear = linear.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
@@ -191,6 +209,11 @@ class MultiCenterHead(nn.Module):
             f"in_features={self.in_features}, num_classes={self.num_classes}, num_subcenters={self.num_subcenters}, "
             f"center_weight={self.center_weight}, sigma_scale={self.sigma_scale}, sigma_mode={self.sigma_mode}, "
             f"bias={self.bias is not None}, sampling={self.sampling}"
+            + (
+                f", loss={self.margin.loss}, margin={self.margin.margin}, scale={self.margin.scale}"
+                if self.margin
+                else ""
+            )
         )
 
 

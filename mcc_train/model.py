@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import UsageError
 from .head import MC_DEFAULTS, MCSettings, MultiCenterHead, check_head_args
+from .margins import MarginLinear, make_margin, to_cosine_linear
 
 _logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ def create_model(
     mc: MCSettings = MC_DEFAULTS,
     img_size: int | None = None,
     pretrained_file: str | Path | None = None,
+    loss: str = "softmax",
+    margin: float | None = None,
+    margin_scale: float | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build ``timm.create_model(arch, pretrained=False, ...)`` with an MC (or the vanilla linear) head.
@@ -67,6 +71,8 @@ def create_model(
         pretrained_file: local timm or Hugging Face weights (``.safetensors``, ``.pth``, ``.bin``, or a directory with
             timm's ``config.json``, such as an mcc bundle) loaded through timm's own ``load_pretrained``: the input
             conv is adapted to ``in_chans``, a classifier of another size is dropped, the MC head goes on top.
+        loss: the softmax variant, ``mcc_train.margins.LOSSES``: softmax | lsoftmax | cosface | arcface.
+        margin, margin_scale: its m and s (None: the registry's defaults).
         **kwargs: MCSettings fields, the rest passed to ``timm.create_model`` (``drop_rate``, ``patch_size``, ...).
     """
     if head not in HEADS:
@@ -74,11 +80,14 @@ def create_model(
     mc_fields = {f.name for f in dataclasses.fields(MCSettings)}
     mc = dataclasses.replace(mc, **{k: kwargs.pop(k) for k in list(kwargs) if k in mc_fields})
     timm_kwargs = kwargs
-    if head == "mc":
-        try:
+    try:
+        variant = make_margin(loss, margin, margin_scale)
+        if head == "mc":
             check_head_args(mc.num_subcenters, mc.center_weight, mc.sigma_scale, mc.sampling, mc.sigma_mode)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+            if loss != "softmax" and mc.sampling == "local":
+                raise ValueError(f"--loss {loss} scores sampled sub-center rows: use --sampling shared")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
@@ -110,14 +119,20 @@ def create_model(
         elif overlay["num_classes"] != num_classes:
             notes.append(f"its {overlay['num_classes']}-class classifier dropped: a new one")
         _logger.info("initialised %s from %s%s", arch, pretrained_file, f" ({'; '.join(notes)})" if notes else "")
+    linear = model.get_submodule(path)
+    variant = None if loss == "softmax" else variant
     if head == "mc":
-        linear = model.get_submodule(path)
-        mc_head = MultiCenterHead(linear.in_features, num_classes, bias=linear.bias is not None, **mc.head_kwargs())
-        with torch.no_grad():  # same starting point as the linear baseline
-            mc_head.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                mc_head.bias.copy_(linear.bias)
-        model.set_submodule(path, mc_head)
+        new = MultiCenterHead(linear.in_features, num_classes, bias=linear.bias is not None, margin=variant,
+                              **mc.head_kwargs())  # fmt: skip
+    elif variant is not None:
+        new = MarginLinear(linear.in_features, num_classes, variant, bias=linear.bias is not None)
+    else:
+        return model
+    with torch.no_grad():  # same starting point as the linear baseline
+        new.weight.copy_(linear.weight)
+        if linear.bias is not None and new.bias is not None:
+            new.bias.copy_(linear.bias)
+    model.set_submodule(path, new)
     return model
 
 
@@ -126,6 +141,21 @@ def timm_size_kwargs(arch: str, img_size: int | None) -> dict:
     cfg = timm.models.get_pretrained_cfg(arch)
     fixed = cfg is not None and bool(getattr(cfg, "fixed_input_size", False))
     return {"img_size": img_size} if img_size is not None and fixed else {}
+
+
+def test_time_classifier(module: nn.Module) -> nn.Module:
+    """The classifier a trained head stands for at test time, as a vanilla timm model holds it: an ``nn.Linear``
+    (softmax, L-Softmax; MC collapsed to its mean centers) or a ``CosineLinear`` (CosFace, ArcFace: the mean centers
+    row-normalised and scaled by s, zero bias, the pre-logits L2-normalised)."""
+    if isinstance(module, MultiCenterHead):
+        return module.to_linear()
+    if isinstance(module, MarginLinear):
+        if module.margin.kind.cosine:
+            return to_cosine_linear(module.weight.detach(), module.margin.scale)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.load_state_dict(module.state_dict())
+        return linear.to(device=module.weight.device, dtype=module.weight.dtype)
+    return module
 
 
 def get_mc_head(model: nn.Module) -> MultiCenterHead | None:

@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import ArrayDataset, build_data_config, build_transforms, cache_in_memory, load_data, set_transforms
 from .errors import UsageError
 from .head import MultiCenterHead, MultiCenterLoss
+from .margins import set_margin_target
 from .model import classifier_path, create_model, get_mc_head
 from .runlog import RunLog
 
@@ -123,6 +124,7 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
         cycle_len = min(accum, steps - cycle_start)  # the epoch's last cycle may be shorter
         update = i + 1 == cycle_start + cycle_len
         sync = rt.distributed and not update  # DDP all-reduces gradients only on the cycle's last micro-batch
+        set_margin_target(step.model.get_classifier(), soft, epoch * step.updates_per_epoch + i // accum)
         with step.ddp_model.no_sync() if sync else contextlib.nullcontext():
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 logits = step.ddp_model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
@@ -380,6 +382,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         mc=cfg.mc(),
         img_size=cfg.img_size,
         pretrained_file=cfg.pretrained_file if resume is None else None,  # a resumed run has its own weights
+        loss=cfg.loss,
+        margin=cfg.margin,
+        margin_scale=cfg.margin_scale,
         drop_rate=cfg.drop_rate,
         **cfg.model_kwargs,
     )

@@ -50,8 +50,8 @@ class RunLog:
         self.rows = read_metrics(history / "metrics.csv", start_epoch) if history is not None else []
         self.writer, self.set_aside = None, None
 
-    def start(self, skipped_images: list[str]) -> None:
-        """Create ``out``, set an older run's files aside, write config.yaml."""
+    def start(self, splits, model, rt, in_chans: int, channels: str, steps: int) -> None:
+        """Create ``out``, set an older run's files aside, write config.yaml, log the run's start-up line."""
         self.out.mkdir(parents=True, exist_ok=True)
         old = [self.out / n for n in (*RUN_FILES, "tensorboard") if (self.out / n).exists()] if self.replace else []
         if old:
@@ -60,11 +60,20 @@ class RunLog:
             self.set_aside.mkdir()
             for path in old:
                 path.rename(self.set_aside / path.name)
-        save_yaml(self.cfg, self.out / "config.yaml", skipped_images)
+        save_yaml(self.cfg, self.out / "config.yaml", splits.skipped)
         if self.cfg.tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=len(self.rows) + 1)
+        cfg = self.cfg
+        variant = "" if cfg.loss == "softmax" else f" + {cfg.loss}"
+        _logger.info(
+            "%s %s head%s, %d classes, %d train / %d val images, in_chans %d (%s), %.2fM params, %s x%d%s, "
+            "%d steps/epoch per rank",
+            cfg.arch, cfg.head, variant, splits.num_classes, len(splits.train), len(splits.val), in_chans, channels,
+            sum(p.numel() for p in model.parameters()) / 1e6, rt.device, rt.world_size,
+            f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "", steps,
+        )  # fmt: skip
 
     def saved(self) -> None:
         """This run's checkpoint is on disk: the older run's files go for good."""

@@ -363,16 +363,74 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
     start_time = time.time()
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
     out, in_place = check_out_dir(cfg)
-
     splits = load_data(cfg.data, cfg.subset, cfg.skip_bad_images)
+    model, in_chans = build_model(cfg, splits, resume)
+    data_config = build_data_config(model, cfg.img_size, in_chans, cfg.crop_pct, cfg.interpolation)
+    hflip = cfg.hflip if cfg.hflip is not None else (0.0 if splits.name == "digits" else 0.5)
+    set_transforms(splits, *build_transforms(data_config, hflip, cfg.scale), in_chans)
+    train_loader, train_sampler, val_loader = build_loaders(splits, cfg, rt)
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    classifier = classifier_path(model)
+    step = build_step(model, cfg, rt, splits.num_classes, math.ceil(len(train_loader) / cfg.grad_accum_steps))
+    schedule = {"epochs": cfg.epochs, "updates_per_epoch": step.updates_per_epoch, "sched": cfg.sched}
+    start_epoch, best = restore(resume, step, cfg, schedule) if resume is not None else (0, (-1.0, 0))
+
+    history = None if resume is None else Path(cfg.resume).parent  # the metrics.csv a resumed run continues
+    log = RunLog(out, cfg, start_epoch, history, replace=not in_place) if rt.is_main else None
+    if log is not None:
+        channels = "--in-chans" if cfg.in_chans else "as the resumed run" if resume else splits.channels_note
+        log.start(splits, model, rt, in_chans, channels, len(train_loader))
+    metrics, epoch, trainable = {}, start_epoch, None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_start = time.time()
+            random_seed(cfg.seed * 1000 + epoch, rt.rank)  # per epoch: a resumed run draws what the unbroken one would
+            train_sampler.set_epoch(epoch)
+            if trainable is not (epoch >= cfg.freeze_backbone_epochs):  # the first epoch, and when a freeze ends
+                trainable = epoch >= cfg.freeze_backbone_epochs
+                set_backbone_trainable(model, classifier, trainable)
+                step.ddp_model = wrap_ddp(model, rt)
+            step.scheduler.step(epoch)
+            train_loss = train_one_epoch(step, train_loader, cfg, rt, epoch, splits.num_classes)
+            metrics = epoch_metrics(step, val_loader, rt, cfg, epoch, train_loss) | {
+                "epoch_time_s": time.time() - epoch_start
+            }
+            score = metrics["ema_top1"] if step.ema is not None else metrics["top1"]  # as timm's train.py ranks
+            is_best = score > best[0]
+            best = (score, epoch + 1) if is_best else best
+            stop = cfg.early_stop_patience is not None and epoch + 1 - best[1] >= cfg.early_stop_patience
+            if log is not None:
+                log.epoch(metrics)  # before the checkpoint: a resume trims rows past it
+                state = make_state(cfg=cfg, data=(splits.class_names, in_chans, data_config), model=model,
+                                   optimizer=step.optimizer, scheduler=step.scheduler, scaler=step.scaler,
+                                   ema=step.ema, epoch=epoch + 1, metrics=metrics, best=best, schedule=schedule,
+                                   early_stopped=stop)  # fmt: skip
+                save_checkpoint(state, out / "last.pt")
+                if is_best:
+                    save_checkpoint(state, out / "best.pt")
+                log.saved()
+            if stop:
+                _logger.info("early stop: no better top-1 for %d epochs (best %.2f at epoch %d)",
+                             cfg.early_stop_patience, *best)  # fmt: skip
+                break
+    finally:
+        if log is not None:
+            log.close()
+    summary = {"epochs": epoch + 1 if metrics else start_epoch, "best_top1": best[0], "best_epoch": best[1]}
+    return summary | {"last": metrics, "out": str(out), "wall_time_s": time.time() - start_time}
+
+
+def build_model(cfg: TrainConfig, splits, resume: dict | None) -> tuple[torch.nn.Module, int]:
+    """The model the run trains and its input channels: a resumed run's channels and classes are the checkpoint's
+    (other classes in the data: UsageError); a new run's come from the data, or --in-chans."""
     if resume is not None and splits.class_names != list(resume["class_names"]):
         raise UsageError(
             f"--resume {cfg.resume}: --data {cfg.data} has classes {splits.class_names[:5]}..., the run was trained "
             f"on {list(resume['class_names'])[:5]}...; resume on its own data"
         )
-    auto_chans = resume["in_chans"] if resume is not None else (1 if splits.grayscale else 3)
-    in_chans = cfg.in_chans or auto_chans
-    hflip = cfg.hflip if cfg.hflip is not None else (0.0 if splits.name == "digits" else 0.5)
+    in_chans = cfg.in_chans or (resume["in_chans"] if resume is not None else 1 if splits.grayscale else 3)
     random_seed(cfg.seed, 0)  # the same initial weights on every rank
     model = create_model(
         cfg.arch,
@@ -388,109 +446,46 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
         drop_rate=cfg.drop_rate,
         **cfg.model_kwargs,
     )
-    data_config = build_data_config(model, cfg.img_size, in_chans, cfg.crop_pct, cfg.interpolation)
-    train_tf, val_tf = build_transforms(data_config, hflip, cfg.scale)
-    set_transforms(splits, train_tf, val_tf, in_chans)
-    train_loader, train_sampler, val_loader = build_loaders(splits, cfg, rt)
+    return model, in_chans
 
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    head, classifier = get_mc_head(model), classifier_path(model)
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    schedule = {"epochs": cfg.epochs, "updates_per_epoch": updates_per_epoch, "sched": cfg.sched}
-    optimizer = build_optimizer(model, cfg, classifier)
-    step = Step(
+
+def build_step(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, num_classes: int, updates_per_epoch: int):
+    """Optimizer, schedule, grad scaler, loss, mixup and EMA for ``model`` (already on its device)."""
+    head = get_mc_head(model)
+    optimizer = build_optimizer(model, cfg, classifier_path(model))
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)  # fmt: skip
+    return Step(
         model=model,
         ddp_model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, updates_per_epoch),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16),
         loss_fn=MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy(),
-        mixup=None,
+        mixup=mixup,
         ema=ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None,
         updates_per_epoch=updates_per_epoch,
     )
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        step.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                           num_classes=splits.num_classes)  # fmt: skip
-    start_epoch, best = restore(resume, step, cfg, schedule) if resume is not None else (0, (-1.0, 0))
 
-    history = None if resume is None else Path(cfg.resume).parent  # the metrics.csv a resumed run continues
-    log = RunLog(out, cfg, start_epoch, history, replace=not in_place) if rt.is_main else None
-    if log is not None:
-        log.start(splits.skipped)
-        _logger.info(
-            "%s %s head, %d classes, %d train / %d val images, in_chans %d (%s), %.2fM params, %s x%d%s, "
-            "%d steps/epoch per rank",
-            cfg.arch,
-            cfg.head,
-            splits.num_classes,
-            len(splits.train),
-            len(splits.val),
-            in_chans,
-            "--in-chans" if cfg.in_chans else ("as the resumed run" if resume is not None else splits.channels_note),
-            sum(p.numel() for p in model.parameters()) / 1e6,
-            rt.device,
-            rt.world_size,
-            f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "",
-            len(train_loader),
-        )
-    metrics, epoch, trainable = {}, start_epoch, None
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            epoch_start = time.time()
-            random_seed(cfg.seed * 1000 + epoch, rt.rank)  # per epoch: a resumed run draws what the unbroken one would
-            train_sampler.set_epoch(epoch)
-            if trainable is not (epoch >= cfg.freeze_backbone_epochs):  # the first epoch, and when a freeze ends
-                trainable = epoch >= cfg.freeze_backbone_epochs
-                set_backbone_trainable(model, classifier, trainable)
-                step.ddp_model = wrap_ddp(model, rt)
-            step.scheduler.step(epoch)
-            train_loss = train_one_epoch(step, train_loader, cfg, rt, epoch, splits.num_classes)
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                **evaluate(step.ddp_model, val_loader, rt, head, progress=cfg.progress),
-                "lr": optimizer.param_groups[0]["lr"],  # at the epoch's last step
-            }
-            if step.ema is not None:
-                ema_metrics = evaluate(step.ema.module, val_loader, rt, get_mc_head(step.ema.module), cfg.progress)
-                metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
-            if head is not None:
-                metrics["sub_center_std"] = head.std().mean().item()
-                metrics["offset_ratio"] = head.offset_ratio().mean().item()
-            metrics["epoch_time_s"] = time.time() - epoch_start
-            score = metrics["ema_top1"] if step.ema is not None else metrics["top1"]  # as timm's train.py ranks
-            is_best = score > best[0]
-            if is_best:
-                best = (score, epoch + 1)
-            stop = cfg.early_stop_patience is not None and epoch + 1 - best[1] >= cfg.early_stop_patience
-            if log is not None:
-                log.epoch(metrics)  # before the checkpoint: a resume trims rows past it
-                state = make_state(cfg=cfg, data=(splits.class_names, in_chans, data_config), model=model,
-                                   optimizer=optimizer, scheduler=step.scheduler, scaler=step.scaler, ema=step.ema,
-                                   epoch=epoch + 1, metrics=metrics, best=best, schedule=schedule,
-                                   early_stopped=stop)  # fmt: skip
-                save_checkpoint(state, out / "last.pt")
-                if is_best:
-                    save_checkpoint(state, out / "best.pt")
-                log.saved()
-            if stop:
-                _logger.info("early stop: no better top-1 for %d epochs (best %.2f at epoch %d)",
-                             cfg.early_stop_patience, *best)  # fmt: skip
-                break
-    finally:
-        if log is not None:
-            log.close()
-    return {
-        "epochs": epoch + 1 if metrics else start_epoch,
-        "best_top1": best[0],
-        "best_epoch": best[1],
-        "last": metrics,
-        "out": str(out),
-        "wall_time_s": time.time() - start_time,
+
+def epoch_metrics(step: Step, val_loader, rt: Runtime, cfg: TrainConfig, epoch: int, train_loss: float) -> dict:
+    """One metrics.csv row: the eval metrics (the EMA's too, prefixed ``ema_``), lr, and the MC head's scale."""
+    head = get_mc_head(step.model)
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        **evaluate(step.ddp_model, val_loader, rt, head, progress=cfg.progress),
+        "lr": step.optimizer.param_groups[0]["lr"],  # at the epoch's last step
     }
+    if step.ema is not None:
+        ema_metrics = evaluate(step.ema.module, val_loader, rt, get_mc_head(step.ema.module), cfg.progress)
+        metrics |= {f"ema_{k}": v for k, v in ema_metrics.items()}
+    if head is not None:
+        metrics["sub_center_std"] = head.std().mean().item()
+        metrics["offset_ratio"] = head.offset_ratio().mean().item()
+    return metrics
 
 
 def restore(resume: dict, step: Step, cfg: TrainConfig, schedule: dict) -> tuple[int, tuple[float, int]]:

@@ -11,7 +11,7 @@ import yaml
 
 from .errors import UsageError
 from .head import MC_DEFAULTS, MC_PRESETS, SAMPLING_MODES, SIGMA_MODES, MCSettings
-from .margins import LOSSES, make_margin
+from .margins import LOSSES, LossKind, make_margin
 
 # timm.create_model arguments that mcc sets itself; --model-kwargs may not name them
 RESERVED_MODEL_KWARGS = {"arch", "head", "mc", "pretrained", "num_classes", "in_chans", "img_size", "pretrained_file",
@@ -162,11 +162,14 @@ class TrainConfig:
             (self.head in ("mc", "linear"), f"--head must be mc or linear, got {self.head!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (
-                self.loss != "softmax" or (self.margin is None and self.margin_scale is None),
+                LOSSES.get(self.loss, LOSSES["softmax"]).has_margin
+                or (self.margin is None and self.margin_scale is None),
                 "--margin and --margin-scale apply to --loss lsoftmax, cosface or arcface",
             ),
             (
-                self.loss == "softmax" or self.head == "linear" or self.sampling == "shared",
+                not LOSSES.get(self.loss, LOSSES["softmax"]).has_margin
+                or self.head == "linear"
+                or self.sampling == "shared",
                 f"--loss {self.loss} scores sampled sub-center rows: use --sampling shared",
             ),
             (
@@ -205,6 +208,11 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"--{f.name.replace('_', '-')} must be finite, got {value}")
         return self
+
+    @property
+    def variant(self) -> LossKind:
+        """The softmax variant of ``loss`` (plain softmax for a name that is not one: validate() says so)."""
+        return LOSSES.get(self.loss, LOSSES["softmax"])
 
     def mc(self) -> MCSettings:
         """The MC hyperparameters of this run."""

@@ -100,7 +100,7 @@ class MultiCenterHead(nn.Module):
     ):
         super().__init__()
         check_head_args(num_subcenters, center_weight, sigma_scale, sampling, sigma_mode)
-        if margin is not None and margin.loss != "softmax" and sampling == "local":
+        if margin is not None and margin.kind.has_margin and sampling == "local":
             raise ValueError(f"--loss {margin.loss} scores sampled sub-center rows: use --sampling shared")
         self.margin = margin
         bias = bias and not (margin is not None and LOSSES[margin.loss].cosine)

@@ -25,101 +25,12 @@ scores, unchanged. A head with no target set (``Margin.target`` None) scores wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass(frozen=True)
-class LossKind:
-    """One softmax variant: whether its test-time logits are cosines, and its defaults."""
-
-    name: str
-    cosine: bool  # test time: s * cos(feature, center) (no bias) instead of x . w + b
-    margin: float  # default margin: m (an integer for L-Softmax)
-    scale: float | None  # default s; None: no scale (the logits keep the feature and weight norms)
-
-
-# NOTE: the defaults come from benchmarks/margin_sweep.py (docs/RESULTS.md): s = 64, tuned for 10^5 face identities,
-# saturates the softmax of 10 classes at once; s = 16 with m = 0.2 (CosFace) and 0.3 (ArcFace) trained best on
-# Fashion-MNIST's 10 classes.
-LOSSES = {
-    "softmax": LossKind("softmax", cosine=False, margin=0.0, scale=None),
-    "lsoftmax": LossKind("lsoftmax", cosine=False, margin=2.0, scale=None),
-    "cosface": LossKind("cosface", cosine=True, margin=0.2, scale=16.0),
-    "arcface": LossKind("arcface", cosine=True, margin=0.3, scale=16.0),
-}
-LSOFTMAX_BASE, LSOFTMAX_GAMMA, LSOFTMAX_LAMBDA_MIN = 1000.0, 0.12, 5.0  # lambda schedule of the papers' code
-
-
-@dataclass
-class Margin:
-    """A head's softmax variant. ``target`` (B,) and ``step`` are set by the training loop before each forward."""
-
-    loss: str = "softmax"
-    margin: float = 0.0
-    scale: float = 1.0
-    target: torch.Tensor | None = None  # (B,) class indices; None: no margin (e.g. eval, or a forward outside training)
-    step: int = 0  # optimizer updates so far: the L-Softmax annealing
-
-    def __post_init__(self):
-        check_margin_args(self.loss, self.margin, self.scale)
-
-    @property
-    def kind(self) -> LossKind:
-        return LOSSES[self.loss]
-
-    def lsoftmax_lambda(self) -> float:
-        return max(LSOFTMAX_LAMBDA_MIN, LSOFTMAX_BASE / (1 + LSOFTMAX_GAMMA * self.step))
-
-    def train_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_class: torch.Tensor):
-        """Training logits over R rows with the margin on the target class's rows: (B, d), (R, d) -> (B, R).
-
-        Args:
-            row_class: (R,) the class of each row (``arange(C)`` for a linear head).
-        """
-        if self.target is None or self.loss == "softmax":
-            return self.test_logits(x, weight, bias)
-        is_target = row_class.unsqueeze(0) == self.target.unsqueeze(1)  # (B, R)
-        if self.kind.cosine:
-            cos = cosine(x, weight)  # (B, R)
-            with_margin = cosface(cos, self.margin) if self.loss == "cosface" else arcface(cos, self.margin)
-            return self.scale * torch.where(is_target, with_margin, cos)
-        raw = F.linear(x, weight)  # (B, R): |w||x| cos(theta)
-        norms = x.norm(dim=1, keepdim=True) * weight.norm(dim=1)  # (B, R)
-        cos = (raw / norms.clamp_min(1e-12)).clamp(-1.0, 1.0)
-        lam = self.lsoftmax_lambda()
-        target_logit = (lam * raw + norms * lsoftmax_psi(cos, int(self.margin))) / (1 + lam)
-        logits = torch.where(is_target, target_logit, raw)
-        return logits if bias is None else logits + bias
-
-    def test_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The variant's test-time logits: ``x . w + b``, or ``s cos(theta)`` for a cosine kind. (B, d) -> (B, R)."""
-        if self.kind.cosine:
-            return self.scale * cosine(x, weight)
-        return F.linear(x, weight, bias)
-
-
-def check_margin_args(loss: str, margin: float, scale: float) -> None:
-    """Raise ValueError naming the first bad margin setting."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if loss == "lsoftmax" and (margin != int(margin) or margin < 1):
-        raise ValueError(f"the L-Softmax margin is an integer >= 1 (cos(m theta)), got {margin!r}")
-    if loss in ("cosface", "arcface") and not 0 <= margin < 1:
-        raise ValueError(f"the {loss} margin must be in [0, 1), got {margin!r}")
-    if LOSSES[loss].cosine and not scale > 0:
-        raise ValueError(f"the {loss} scale s must be > 0, got {scale!r}")
-
-
-def make_margin(loss: str, margin: float | None = None, scale: float | None = None) -> Margin:
-    """A ``Margin`` with the registry's defaults for what is not given."""
-    kind = LOSSES.get(loss)
-    if kind is None:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    return Margin(loss, kind.margin if margin is None else margin, (kind.scale or 1.0) if scale is None else scale)
 
 
 def cosine(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,6 +69,102 @@ def chebyshev(cos: torch.Tensor, m: int) -> torch.Tensor:
     for _ in range(m - 1):
         prev, cur = cur, 2 * cos * cur - prev
     return cur
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """One softmax variant: its name in papers, whether its test-time logits are cosines, and its defaults."""
+
+    name: str
+    title: str
+    cosine: bool  # test time: s * cos(feature, center) (no bias) instead of x . w + b
+    margin: float  # default margin: m (an integer for L-Softmax)
+    scale: float | None  # default s; None: no scale (the logits keep the feature and weight norms)
+    on_target: Callable[[torch.Tensor, float], torch.Tensor] | None = None  # cosine kinds: cos(theta) -> with margin
+
+    @property
+    def has_margin(self) -> bool:
+        return self.margin > 0
+
+
+# NOTE: the defaults come from benchmarks/margin_sweep.py (docs/RESULTS.md): s = 64, tuned for 10^5 face identities,
+# saturates the softmax of 10 classes at once; s = 16 with m = 0.2 (CosFace) and 0.3 (ArcFace) trained best on
+# Fashion-MNIST's 10 classes.
+LOSSES = {
+    "softmax": LossKind("softmax", "softmax", cosine=False, margin=0.0, scale=None),
+    "lsoftmax": LossKind("lsoftmax", "L-Softmax", cosine=False, margin=2.0, scale=None),
+    "cosface": LossKind("cosface", "CosFace", cosine=True, margin=0.2, scale=16.0, on_target=cosface),
+    "arcface": LossKind("arcface", "ArcFace", cosine=True, margin=0.3, scale=16.0, on_target=arcface),
+}
+LSOFTMAX_BASE, LSOFTMAX_GAMMA, LSOFTMAX_LAMBDA_MIN = 1000.0, 0.12, 5.0  # lambda schedule of the papers' code
+
+
+@dataclass
+class Margin:
+    """A head's softmax variant. ``target`` (B,) and ``step`` are set by the training loop before each forward."""
+
+    loss: str = "softmax"
+    margin: float = 0.0
+    scale: float = 1.0
+    target: torch.Tensor | None = None  # (B,) class indices; None: no margin (e.g. eval, or a forward outside training)
+    step: int = 0  # optimizer updates so far: the L-Softmax annealing
+
+    def __post_init__(self):
+        check_margin_args(self.loss, self.margin, self.scale)
+
+    @property
+    def kind(self) -> LossKind:
+        return LOSSES[self.loss]
+
+    def lsoftmax_lambda(self) -> float:
+        return max(LSOFTMAX_LAMBDA_MIN, LSOFTMAX_BASE / (1 + LSOFTMAX_GAMMA * self.step))
+
+    def train_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_class: torch.Tensor):
+        """Training logits over R rows with the margin on the target class's rows: (B, d), (R, d) -> (B, R).
+
+        Args:
+            row_class: (R,) the class of each row (``arange(C)`` for a linear head).
+        """
+        if self.target is None or not self.kind.has_margin:
+            return self.test_logits(x, weight, bias)
+        is_target = row_class.unsqueeze(0) == self.target.unsqueeze(1)  # (B, R)
+        if self.kind.cosine:
+            cos = cosine(x, weight)  # (B, R)
+            return self.scale * torch.where(is_target, self.kind.on_target(cos, self.margin), cos)
+        raw = F.linear(x, weight)  # (B, R): |w||x| cos(theta)
+        norms = x.norm(dim=1, keepdim=True) * weight.norm(dim=1)  # (B, R)
+        cos = (raw / norms.clamp_min(1e-12)).clamp(-1.0, 1.0)
+        lam = self.lsoftmax_lambda()
+        target_logit = (lam * raw + norms * lsoftmax_psi(cos, int(self.margin))) / (1 + lam)
+        logits = torch.where(is_target, target_logit, raw)
+        return logits if bias is None else logits + bias
+
+    def test_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The variant's test-time logits: ``x . w + b``, or ``s cos(theta)`` for a cosine kind. (B, d) -> (B, R)."""
+        if self.kind.cosine:
+            return self.scale * cosine(x, weight)
+        return F.linear(x, weight, bias)
+
+
+def check_margin_args(loss: str, margin: float, scale: float) -> None:
+    """Raise ValueError naming the first bad margin setting."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    kind = LOSSES[loss]
+    if kind.has_margin and not kind.cosine and (margin != int(margin) or margin < 1):
+        raise ValueError(f"the {kind.title} margin is an integer >= 1 (cos(m theta)), got {margin!r}")
+    if kind.cosine and not 0 <= margin < 1:
+        raise ValueError(f"the {loss} margin must be in [0, 1), got {margin!r}")
+    if LOSSES[loss].cosine and not scale > 0:
+        raise ValueError(f"the {loss} scale s must be > 0, got {scale!r}")
+
+
+def make_margin(loss: str, margin: float | None = None, scale: float | None = None) -> Margin:
+    """A ``Margin`` with the registry's defaults for what is not given."""
+    kind = LOSSES.get(loss)
+    if kind is None:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    return Margin(loss, kind.margin if margin is None else margin, (kind.scale or 1.0) if scale is None else scale)
 
 
 class MarginLinear(nn.Linear):

@@ -84,7 +84,7 @@ def create_model(
         variant = make_margin(loss, margin, margin_scale)
         if head == "mc":
             check_head_args(mc.num_subcenters, mc.center_weight, mc.sigma_scale, mc.sampling, mc.sigma_mode)
-            if loss != "softmax" and mc.sampling == "local":
+            if variant.kind.has_margin and mc.sampling == "local":
                 raise ValueError(f"--loss {loss} scores sampled sub-center rows: use --sampling shared")
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -120,7 +120,7 @@ def create_model(
             notes.append(f"its {overlay['num_classes']}-class classifier dropped: a new one")
         _logger.info("initialised %s from %s%s", arch, pretrained_file, f" ({'; '.join(notes)})" if notes else "")
     linear = model.get_submodule(path)
-    variant = None if loss == "softmax" else variant
+    variant = variant if variant.kind.has_margin else None
     if head == "mc":
         new = MultiCenterHead(linear.in_features, num_classes, bias=linear.bias is not None, margin=variant,
                               **mc.head_kwargs())  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .config import TrainConfig, save_yaml
+from .margins import LOSSES
 from .plots import plot_curves
 
 _logger = logging.getLogger("mcc_train")
@@ -66,7 +67,7 @@ class RunLog:
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=len(self.rows) + 1)
         cfg = self.cfg
-        variant = "" if cfg.loss == "softmax" else f" + {cfg.loss}"
+        variant = f" + {LOSSES[cfg.loss].title}" if LOSSES[cfg.loss].has_margin else ""
         _logger.info(
             "%s %s head%s, %d classes, %d train / %d val images, in_chans %d (%s), %.2fM params, %s x%d%s, "
             "%d steps/epoch per rank",

@@ -1,4 +1,5 @@
-"""From an mcc checkpoint to the test-time model: the MC head collapsed to its mean centers."""
+"""From an mcc checkpoint to the test-time model: the MC head collapsed to its mean centers, a cosine head (CosFace,
+ArcFace) to its cosine classifier; and the baseline timm model a bundle must equal."""
 
 from __future__ import annotations
 
@@ -9,12 +10,39 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mcc_serve.bundle import WEIGHTS
 from mcc_train import UsageError, classifier_path, create_model, load_checkpoint
 from mcc_train.head import MC_PRESETS, MCSettings
+from mcc_train.margins import CosineLinear, make_margin
 from mcc_train.model import test_time_classifier, timm_size_kwargs
+
+# config.json of a cosine bundle: timm builds the classifier as a plain nn.Linear, so under this key it says what to add
+COSINE_CONFIG_KEY = "cosine_classifier"
+COSINE_TIMM_CALL = (
+    "model.get_classifier()(F.normalize(model.forward_head(model.forward_features(x), pre_logits=True), dim=1))"
+)
+
+
+def cosine_config(head: dict) -> dict | None:
+    """config.json's ``cosine_classifier`` entry for model.json's ``head`` (None for a linear classifier)."""
+    if head["classifier_kind"] != "cosine":
+        return None
+    return {
+        "loss": head["loss"],
+        "scale": head["margin_scale"],
+        "usage": "L2-normalise the pre-logit features before the classifier (its weight rows are the class centers "
+        f"scaled to norm {head['margin_scale']:g}, its bias zero): logits = {COSINE_TIMM_CALL}; model(x) skips the "
+        "normalisation. model.onnx contains it.",
+    }
+
+
+def cosine_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm model's logits with its pre-logit features L2-normalised: a cosine bundle loaded by plain timm."""
+    features = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, d)
+    return model.get_classifier()(F.normalize(features, dim=1))  # (B, d) -> (B, C)
 
 
 @dataclass
@@ -99,6 +127,20 @@ def loss_settings(cfg: dict) -> dict:
     return {"loss": cfg.get("loss", "softmax"), "margin": cfg.get("margin"), "margin_scale": cfg.get("margin_scale")}
 
 
+def head_variant(cfg: dict) -> dict:
+    """The softmax variant as model.json's ``head`` records it: ``loss``, its m and s as trained (None where the kind
+    has none: no margin for softmax, no scale but for the cosine kinds), and the test-time ``classifier_kind``."""
+    settings = loss_settings(cfg)
+    variant = make_margin(settings["loss"], settings["margin"], settings["margin_scale"])
+    cosine = variant.kind.cosine
+    return {
+        "loss": variant.loss,
+        "margin": None if variant.loss == "softmax" else float(variant.margin),
+        "margin_scale": float(variant.scale) if cosine else None,
+        "classifier_kind": "cosine" if cosine else "linear",
+    }
+
+
 def collapse(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose classifier is its test-time one (``mcc_train.model.test_time_classifier``): the MC
     head's mean centers and bias as an ``nn.Linear``, or for CosFace/ArcFace the ``CosineLinear`` of the mean centers
@@ -115,8 +157,25 @@ def collapsed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def vanilla_model(
-    arch: str, num_classes: int, in_chans: int, img_size: int, model_kwargs: dict | None = None
+    arch: str,
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    model_kwargs: dict | None = None,
+    classifier_kind: str = "linear",
 ) -> nn.Module:
-    """A fresh timm model with its own linear classifier, built directly by timm (no mcc code involved)."""
+    """A fresh timm model built directly by timm: the baseline a bundle of ``classifier_kind`` must equal.
+
+    ``"linear"``: the model as timm builds it, its own linear classifier. ``"cosine"``: the baseline cosine model, the
+    same with its classifier swapped for a ``CosineLinear`` (the same ``weight``/``bias`` keys; it L2-normalises the
+    pre-logit features before ``F.linear``), the only mcc code involved.
+    """
     kwargs = timm_size_kwargs(arch, img_size) | (model_kwargs or {})
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if classifier_kind == "cosine":
+        path = classifier_path(model)
+        linear = model.get_submodule(path)
+        model.set_submodule(path, CosineLinear(linear.in_features, linear.out_features, bias=True))
+    elif classifier_kind != "linear":
+        raise ValueError(f"classifier_kind must be linear or cosine, got {classifier_kind!r}")
+    return model.eval()

@@ -35,7 +35,17 @@ from .bundle import (
     staged_bundle,
     write_json,
 )
-from .collapse import LoadedCheckpoint, collapse, collapsed_state_dict, load_trained, mc_settings
+from .collapse import (
+    COSINE_CONFIG_KEY,
+    LoadedCheckpoint,
+    collapse,
+    collapsed_state_dict,
+    cosine_config,
+    head_variant,
+    load_trained,
+    loss_settings,
+    mc_settings,
+)
 from .model_card import render_model_card
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .verify import Report, verify_bundle
@@ -88,9 +98,10 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
     with staged_bundle(Path(cfg.out), cfg.overwrite) as tmp:
         started = time.time()
         _logger.info(
-            "collapsing %s (%s head, epoch %d, %s weights) to its mean centers",
+            "collapsing %s (%s head, %s loss, epoch %d, %s weights) to its test-time classifier",
             loaded.arch,
             ckpt["head"],
+            loss_settings(ckpt["config"])["loss"],
             ckpt["epoch"],
             loaded.weights,
         )
@@ -99,7 +110,8 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         preprocess = preprocess_spec(dc, input_size)
         model_args = {"in_chans": loaded.in_chans, **timm_size_kwargs(loaded.arch, loaded.img_size),
                       **ckpt["config"].get("model_kwargs", {})}  # fmt: skip
-        write_timm_config(collapsed, tmp / CONFIG_JSON, list(ckpt["class_names"]), preprocess, model_args)
+        write_timm_config(collapsed, tmp / CONFIG_JSON, list(ckpt["class_names"]), preprocess, model_args,
+                          cosine_config(head_variant(ckpt["config"])))  # fmt: skip
         _logger.info("exporting ONNX (opset %d, input %s, dynamic batch)", cfg.opset, list(input_size))
         export_onnx(collapsed, tmp / ONNX_FILE, input_size, cfg.opset)
         files = {name: file_record(tmp / name) for name in (ONNX_FILE, WEIGHTS_FILE, CONFIG_JSON)}
@@ -150,19 +162,27 @@ PROVENANCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "n
 
 
 def write_timm_config(
-    model: torch.nn.Module, path: Path, class_names: list[str], preprocess: dict, model_args: dict
+    model: torch.nn.Module,
+    path: Path,
+    class_names: list[str],
+    preprocess: dict,
+    model_args: dict,
+    cosine: dict | None = None,
 ) -> None:
     """config.json as ``timm.models.save_for_hf`` writes it, so ``timm.create_model("local-dir:BUNDLE")`` works.
 
     ``model_args`` (in_chans, img_size, patch_size, ...) are the ``timm.create_model`` arguments that rebuild the
-    model; the class names go into ``label_names`` and the bundle's preprocessing into ``pretrained_cfg``.
+    model; the class names go into ``label_names`` and the bundle's preprocessing into ``pretrained_cfg``. A cosine
+    bundle's ``cosine`` (``collapse.cosine_config``) goes in as a top-level ``cosine_classifier`` entry, which timm
+    writes as given and ignores when it loads: it tells a timm user to L2-normalise the pre-logits.
     NOTE: ``save_config_for_hf`` is the half of timm's public ``save_for_hf`` that writes config.json (the weights
     are written apart, as the proof checks them). Its ``data_config`` argument is recent (timm 1.0.31 has it, 1.0.29
     not): without it the preprocessing is set on the written JSON, which every version reads back the same way.
     The arch's default ``pretrained_cfg`` also names its published weights (``tag: c3_in1k``, their licence, paper):
     those entries are dropped, as they do not describe these weights.
     """
-    kwargs = {"model_config": {"label_names": class_names}, "model_args": model_args}
+    model_config = {"label_names": class_names} | ({COSINE_CONFIG_KEY: cosine} if cosine else {})
+    kwargs = {"model_config": model_config, "model_args": model_args}
     timm_sets_preprocessing = "data_config" in inspect.signature(save_config_for_hf).parameters
     if timm_sets_preprocessing:
         kwargs["data_config"] = preprocess
@@ -203,6 +223,7 @@ def model_json(
             "type": ckpt["head"],
             "classifier": loaded.classifier,
             **mc_settings(cfg).head_kwargs(),
+            **head_variant(cfg),
         },
         "source": {
             "checkpoint": str(loaded.path.resolve()),

@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mcc_train.margins import LOSSES
+
+from .collapse import COSINE_TIMM_CALL
 from .verify import MAX_ABS_TOL, Report
 
 MAX_LISTED_CLASSES = 50  # more than this: the first ones, and a pointer to config.json's label_names
 TAGS = ("image-classification", "timm", "mcc", "multi-center-classifier", "onnx")
 RESULT = {True: "passed", False: "**FAILED**", None: "info"}
 WEIGHTS = {"model": "the weights as trained", "ema": "the EMA weights"}
+VARIANT_KEYS = ("loss", "margin", "margin_scale", "classifier_kind")  # model.json's head: the softmax variant
 
 
 def render_model_card(meta: dict, report: Report, bundle_name: str, training_data: str | None = None) -> str:
@@ -31,7 +35,7 @@ def render_model_card(meta: dict, report: Report, bundle_name: str, training_dat
         summary(meta, bundle_name),
         details(meta, training_data),
         training_metrics(meta["metrics"]),
-        verification(report),
+        verification(report, meta),
         usage(meta, bundle_name),
     ]
     return "\n".join(sections)
@@ -47,12 +51,25 @@ def summary(meta: dict, bundle_name: str) -> str:
     src = meta["source"]
     which = "exponential moving average (EMA) of the weights" if src["weights"] == "ema" else "weights"
     epoch = f" after epoch {src['epoch']}" if src.get("epoch") is not None else ""
+    head = meta["head"]
+    trained = "mcc's multi-center (MC) head" if head["type"] == "mc" else "a linear head"
+    if head["loss"] != "softmax":
+        trained += f" and the {LOSSES[head['loss']].title} loss"
+    model = f"the vanilla timm `{meta['arch']}` with a linear classifier"
+    if head["classifier_kind"] == "cosine":
+        model = f"timm's `{meta['arch']}` with a cosine classifier"
+    cosine = (
+        f" Its pre-logit features are L2-normalised before the classifier, whose weight rows are the class centers "
+        f"scaled to norm s = {head['margin_scale']:g} (bias zero): the logits are s times the cosines."
+        if head["classifier_kind"] == "cosine"
+        else ""
+    )
+    collapsed = "collapsed to its mean class centers" if head["type"] == "mc" else "kept as trained"
     return (
         f"# {bundle_name}: {meta['arch']}, {meta['num_classes']} classes\n\n"
-        f"A `{meta['arch']}` image classifier trained with mcc's multi-center (MC) head and exported by "
-        f"`mcc-export`: the MC head is collapsed to its mean class centers, so this **is** the vanilla timm "
-        f"`{meta['arch']}` with a linear classifier, as the verification below checks. It holds the {which}"
-        f"{epoch} of the training run.\n"
+        f"A `{meta['arch']}` image classifier trained with {trained} and exported by `mcc-export`: the head is "
+        f"{collapsed}, so this **is** {model}, as the verification "
+        f"below checks.{cosine} It holds the {which}{epoch} of the training run.\n"
     )
 
 
@@ -72,7 +89,7 @@ def details(meta: dict, training_data: str | None) -> str:
     listed = ", ".join(f"`{n}`" for n in names[:MAX_LISTED_CLASSES])
     if len(names) > MAX_LISTED_CLASSES:
         listed += f", ... (all {len(names)} in config.json's `label_names`)"
-    mc = ", ".join(f"{k}={v}" for k, v in head.items() if k not in ("type", "classifier"))
+    mc = ", ".join(f"{k}={v}" for k, v in head.items() if k not in ("type", "classifier", *VARIANT_KEYS))
     model_args = ", ".join(f"{k}={v!r}" for k, v in meta["model_kwargs"].items())
     src = meta["source"]
     rows = [
@@ -88,12 +105,27 @@ def details(meta: dict, training_data: str | None) -> str:
         ),
         ("training data", f"`{_cell(public_data(training_data))}`" if training_data else "unknown"),
         ("training head", f"{head['type']}" + (f" ({mc})" if head["type"] == "mc" and mc else "")),
+        ("training loss", training_loss(head)),
+        ("classifier", classifier(head)),
         (
             "weights",
             f"{WEIGHTS[src['weights']]} of `{_basename(src.get('checkpoint'))}`, sha256 `{_short(src.get('sha256'))}`",
         ),
     ]
     return "## Model details\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def training_loss(head: dict) -> str:
+    """The softmax variant and its settings: ``ArcFace (m=0.3, s=16)``."""
+    settings = [f"{k}={head[key]:g}" for k, key in (("m", "margin"), ("s", "margin_scale")) if head[key] is not None]
+    return LOSSES[head["loss"]].title + (f" ({', '.join(settings)})" if settings else "")
+
+
+def classifier(head: dict) -> str:
+    """What the exported classifier computes on the pre-logit features x."""
+    if head["classifier_kind"] == "cosine":
+        return f"cosine: `s * normalize(x) @ normalize(W)^T`, s = {head['margin_scale']:g} (model.onnx normalises x)"
+    return "linear: `x @ W^T + b`"
 
 
 def training_metrics(metrics: dict) -> str:
@@ -104,8 +136,10 @@ def training_metrics(metrics: dict) -> str:
     return f"## Training metrics\n\n{intro}\n\n| metric | value |\n|---|---|\n{rows}"
 
 
-def verification(report: Report) -> str:
+def verification(report: Report, meta: dict) -> str:
     failed = [c.name for c in report.checks if c.passed is False]
+    cosine = meta["head"]["classifier_kind"] == "cosine"
+    baseline = "baseline cosine model's" if cosine else "vanilla timm"
     passed = sum(c.passed is True for c in report.checks)
     lines = [
         "## Verification",
@@ -120,7 +154,7 @@ def verification(report: Report) -> str:
         lines.append(f"- max abs difference, onnxruntime vs the PyTorch model: {worst:.2e} (tolerance {MAX_ABS_TOL:g})")
     for batch, r in report.latency.items():
         lines.append(
-            f"- latency ratio against the vanilla timm export (batch {batch}): {r['ratio']:.3f} "
+            f"- latency ratio against the {baseline} export (batch {batch}): {r['ratio']:.3f} "
             f"({r['ours_ms']:.3f} ms vs {r['vanilla_ms']:.3f} ms)"
         )
     lines += ["", "| check | result | detail |", "|---|---|---|"]
@@ -136,22 +170,34 @@ def usage(meta: dict, bundle_name: str) -> str:
         f"crop_pct={pre['crop_pct']}, crop_mode={pre['crop_mode']!r}, mean={tuple(pre['mean'])}, "
         f"std={tuple(pre['std'])}"
     )
+    timm_intro = "With timm (config.json and model.safetensors; `hf-hub:USER/REPO` once uploaded)"
+    onnx_intro = "With onnxruntime (model.onnx; the preprocessing is timm's eval transform, also given in model.json's "
+    onnx_intro += "`preprocess`)"
+    if meta["head"]["classifier_kind"] == "cosine":
+        timm_intro += (
+            ". The classifier is a cosine one, which timm builds as a plain linear layer: L2-normalise the pre-logit "
+            "features before it, as below (`model(x)` alone skips that; config.json's `cosine_classifier` says so)"
+        )
+        onnx_intro += ". model.onnx contains the normalisation: onnxruntime and mcc-serve need nothing extra"
+        imports = "import timm\nimport torch.nn.functional as F\n"
+        logits = f"logits = {COSINE_TIMM_CALL}\nprobs = logits.softmax(-1)"
+    else:
+        imports, logits = "import timm\n", "probs = model(x).softmax(-1)"
     return f"""## How to use
 
-With timm (config.json and model.safetensors; `hf-hub:USER/REPO` once uploaded):
+{timm_intro}:
 
 ```python
-import timm
-from PIL import Image
+{imports}from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 model = timm.create_model("local-dir:{bundle_name}", pretrained=True).eval()
 transform = create_transform(**resolve_data_config({{}}, model=model))
 x = transform(Image.open("image.png").convert("{mode}")).unsqueeze(0)  # (1, {", ".join(map(str, pre["input_size"]))})
-probs = model(x).softmax(-1)
+{logits}
 ```
 
-With onnxruntime (model.onnx; the preprocessing is timm's eval transform, also given in model.json's `preprocess`):
+{onnx_intro}:
 
 ```python
 import onnxruntime as ort

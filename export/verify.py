@@ -1,6 +1,9 @@
-"""The proof that a bundle is a vanilla linear-head timm model: files, timm config, weights, graph, outputs, latency.
+"""The proof that a bundle is its baseline timm model: files, timm config, weights, graph, outputs, latency.
 
-``verify_bundle(bundle_dir)`` re-derives every claim from the files; nothing is taken from parity.json.
+The baseline is the vanilla timm model for a linear classifier (softmax, L-Softmax), and for a cosine one (CosFace,
+ArcFace) the baseline cosine model: the same with its classifier a ``CosineLinear``, which L2-normalises the
+pre-logit features (``collapse.vanilla_model``). ``verify_bundle(bundle_dir)`` re-derives every claim from the
+files; nothing is taken from parity.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import onnx
 import onnxruntime as ort
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mcc_train import UsageError
@@ -33,7 +37,15 @@ from .bundle import (
     read_model_json,
     sha256_file,
 )
-from .collapse import LoadedCheckpoint, load_trained, vanilla_model
+from .collapse import (
+    COSINE_CONFIG_KEY,
+    LoadedCheckpoint,
+    cosine_config,
+    cosine_logits,
+    head_variant,
+    load_trained,
+    vanilla_model,
+)
 from .onnx_graph import INPUT_NAME, count_flops, export_onnx, graph_signature
 
 _logger = logging.getLogger("export")
@@ -127,22 +139,27 @@ def verify_bundle(
     if loaded is not None:
         check_metadata(report, meta, loaded)
     check_timm_config(report, bundle, meta)
-    vanilla = check_weights(report, bundle, meta, loaded)
-    if vanilla is None:
+    baseline = check_weights(report, bundle, meta, loaded)
+    if baseline is None:
         return report
     exported = onnx.load(str(bundle / ONNX_FILE))
     input_size = tuple(meta["preprocess"]["input_size"])
     with tempfile.TemporaryDirectory() as tmp:
-        reference_path = Path(tmp) / "vanilla.onnx"
+        reference_path = Path(tmp) / "baseline.onnx"
         # NOTE: the reference carries the bundle's weights too: the exporter's optimizer folds and deduplicates
         # constants by value, so only equal weights make equal graphs comparable.
-        export_onnx(vanilla, reference_path, input_size, exported.opset_import[0].version)
+        export_onnx(baseline, reference_path, input_size, exported.opset_import[0].version)
         check_graph(report, exported, onnx.load(str(reference_path)), meta)
-        images = check_outputs(report, bundle, meta, loaded, vanilla, num_real)
-        check_latency(report, bundle / ONNX_FILE, reference_path, input_size, latency_runs)
+        images = check_outputs(report, bundle, meta, loaded, baseline, num_real)
+        check_latency(report, bundle / ONNX_FILE, reference_path, input_size, latency_runs, baseline_name(meta))
     if (bundle / FP16_FILE).is_file() and images is not None:
         check_fp16(report, bundle, images)
     return report
+
+
+def baseline_name(meta: dict) -> str:
+    """What the proof compares the bundle with, in its reports: the vanilla timm model or the baseline cosine model."""
+    return "baseline cosine" if meta["head"]["classifier_kind"] == "cosine" else "vanilla"
 
 
 def check_files(report: Report, bundle: Path, meta: dict) -> bool:
@@ -184,18 +201,20 @@ def load_source(report: Report, meta: dict, checkpoint: str | Path | None) -> Lo
 def check_metadata(report: Report, meta: dict, loaded: LoadedCheckpoint) -> None:
     """model.json's arch, classes, preprocessing and head against the source checkpoint."""
     ck, dc = loaded.ckpt, loaded.ckpt["data_config"]
+    variant = head_variant(ck["config"])
     fields_ok = (
         (meta["arch"], meta["num_classes"], meta["in_chans"], meta["class_names"])
         == (ck["arch"], ck["num_classes"], ck["in_chans"], ck["class_names"])
         and all(meta["preprocess"][k] == dc[k] for k in ("mean", "std", "interpolation", "crop_pct"))
         and meta["head"]["type"] == ck["head"]
+        and all(meta["head"][k] == v for k, v in variant.items())
     )
     report.add(
         "metadata",
         fields_ok,
         "model.json agrees with the checkpoint"
         if fields_ok
-        else "model.json disagrees with the checkpoint (arch, classes, preprocessing or head)",
+        else "model.json disagrees with the checkpoint (arch, classes, preprocessing, head or loss)",
     )
 
 
@@ -221,19 +240,21 @@ def check_timm_config(report: Report, bundle: Path, meta: dict) -> None:
         if differ
         else "arch, classes, label names, in_chans, model_args and preprocessing agree with model.json",
     )
+    cosine = meta["head"]["classifier_kind"] == "cosine"
     try:
         model = timm.create_model(f"local-dir:{bundle}", pretrained=True).eval()
         x = torch.randn(8, *meta["preprocess"]["input_size"], generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            logits = model(x).numpy()
+            logits = (cosine_logits(model, x) if cosine else model(x)).numpy()
     except Exception as e:  # whatever timm raises on a config it cannot build or weights that do not fit
         report.add("config.json: local-dir model", False, f"{type(e).__name__}: {str(e).splitlines()[0][:150]}")
         return
     err = float(np.abs(session(bundle / ONNX_FILE).run(None, {INPUT_NAME: x.numpy()})[0] - logits).max())
+    how = ", pre-logits L2-normalised," if cosine else ""
     report.add(
         "config.json: local-dir model",
         err <= MAX_ABS_TOL,
-        f"timm.create_model('local-dir:BUNDLE', pretrained=True) against model.onnx: max-abs {err:.2e}",
+        f"timm.create_model('local-dir:BUNDLE', pretrained=True){how} against model.onnx: max-abs {err:.2e}",
     )
 
 
@@ -245,6 +266,7 @@ def timm_config_differences(config: dict, meta: dict) -> list[str]:
         "num_classes": ((config.get("num_classes"), pretrained.get("num_classes")), (meta["num_classes"],) * 2),
         "label_names": (config.get("label_names"), meta["class_names"]),
         "model_args.in_chans": (args.get("in_chans", 3), meta["in_chans"]),
+        COSINE_CONFIG_KEY: (config.get(COSINE_CONFIG_KEY), cosine_config(meta["head"])),
     }
     for key, value in meta["model_kwargs"].items():
         expected[f"model_args.{key}"] = (_json_size(key, args.get(key)), _json_size(key, value))
@@ -261,47 +283,95 @@ def _json_size(key: str, value):
 
 
 def check_weights(report: Report, bundle: Path, meta: dict, loaded: LoadedCheckpoint | None) -> torch.nn.Module | None:
-    """model.safetensors is a strict vanilla timm state_dict, the source's weights less log_var.
+    """model.safetensors is a strict vanilla timm state_dict: the source's test-time weights.
 
     Returns:
-        The vanilla timm model with the bundle's weights, or None when they do not load (the rest is then moot).
+        The baseline model (``collapse.vanilla_model``) with the bundle's weights, or None when they do not load (the
+        rest is then moot).
     """
-    arch = meta["arch"]
+    arch, head = meta["arch"], meta["head"]
     input_size = meta["preprocess"]["input_size"]
-    vanilla = vanilla_model(arch, meta["num_classes"], meta["in_chans"], input_size[-1], meta["model_kwargs"])
+    baseline = vanilla_model(arch, meta["num_classes"], meta["in_chans"], input_size[-1], meta["model_kwargs"],
+                             head["classifier_kind"])  # fmt: skip
     state = load_file(bundle / WEIGHTS_FILE)
     try:
-        vanilla.load_state_dict(state, strict=True)
+        baseline.load_state_dict(state, strict=True)
         report.add("weights: strict load", True, f"{WEIGHTS_FILE} loads with strict=True into timm {arch}")
     except RuntimeError as e:
         report.add("weights: strict load", False, str(e).splitlines()[0][:150])
         return None
-    if loaded is None:
-        return vanilla
-    n_vanilla = sum(p.numel() for p in vanilla.parameters())
-    n_mc = sum(p.numel() for p in loaded.model.parameters())
+    if head["classifier_kind"] == "cosine":
+        check_cosine_classifier(report, state, head)
+    if loaded is not None:
+        check_source_weights(report, state, baseline, loaded)
+    return baseline
+
+
+def check_cosine_classifier(report: Report, state: dict[str, torch.Tensor], head: dict) -> None:
+    """A cosine classifier as model.json describes it: every weight row of norm s, the bias zero (from the files)."""
+    weight, bias = state[f"{head['classifier']}.weight"], state[f"{head['classifier']}.bias"]
+    s = head["margin_scale"]
+    deviation = float((weight.norm(dim=1) / s - 1).abs().max())
+    ok = deviation <= 1e-5 and not bias.any()
+    report.add(
+        "weights: cosine classifier",
+        ok,
+        f"{len(weight)} weight rows of norm s = {s:g} (relative deviation {deviation:.1e}), "
+        + ("bias zero" if not bias.any() else "bias not zero"),
+    )
+
+
+def test_time_weights(loaded: LoadedCheckpoint) -> dict[str, torch.Tensor]:
+    """The weights the bundle must hold, from the checkpoint's by the method's rules rather than the exporter's code:
+    less ``log_var``; for a cosine classifier ``s * normalize(W)`` row by row and a zero bias."""
+    state = dict(loaded.model.state_dict())
+    state.pop(f"{loaded.classifier}.log_var", None)
+    variant = head_variant(loaded.ckpt["config"])
+    if variant["classifier_kind"] == "cosine":
+        weight = state[f"{loaded.classifier}.weight"]  # (C, d) mean centers
+        state[f"{loaded.classifier}.weight"] = variant["margin_scale"] * F.normalize(weight, dim=1)
+        state[f"{loaded.classifier}.bias"] = torch.zeros(len(weight), dtype=weight.dtype)  # (C,)
+    return state
+
+
+def check_source_weights(
+    report: Report, state: dict[str, torch.Tensor], baseline: torch.nn.Module, loaded: LoadedCheckpoint
+) -> None:
+    """The bundle's weights are the checkpoint's test-time weights (``test_time_weights``): count, keys, values."""
+    expected = test_time_weights(loaded)
+    cosine = head_variant(loaded.ckpt["config"])["classifier_kind"] == "cosine"
+    trained = loaded.model.state_dict()
+    dropped, added = sorted(set(trained) - set(state)), sorted(set(state) - set(trained))
+    n_baseline = sum(p.numel() for p in baseline.parameters())
+    n_trained = sum(p.numel() for p in loaded.model.parameters())
     n_log_var = sum(p.numel() for n, p in loaded.model.named_parameters() if n.endswith(".log_var"))
+    n_added = sum(state[k].numel() for k in added)
     report.add(
         "weights: parameter count",
-        n_mc - n_log_var == n_vanilla,
-        f"MC model without log_var {n_mc - n_log_var:,} = vanilla {n_vanilla:,} "
-        f"(log_var, training only: {n_log_var:,})",
+        n_trained - n_log_var + n_added == n_baseline,
+        f"MC model without log_var {n_trained - n_log_var:,}"
+        + (f" + zero bias {n_added:,}" if added else "")
+        + f" = {'baseline cosine' if cosine else 'vanilla'} {n_baseline:,} (log_var, training only: {n_log_var:,})",
     )
-    mc_state = loaded.model.state_dict()
-    dropped = sorted(set(mc_state) - set(state))
-    expected = [f"{loaded.classifier}.log_var"] if meta["head"]["type"] == "mc" else []
-    same = all(k in mc_state and torch.equal(mc_state[k], v) for k, v in state.items())
     report.add(
         "weights: dropped keys",
-        dropped == expected and set(state) <= set(mc_state),
-        f"dropped {dropped or 'nothing'}",
+        dropped == sorted(set(trained) - set(expected)) and added == sorted(set(expected) - set(trained)),
+        f"dropped {dropped or 'nothing'}" + (f", added {added} (zero)" if added else ""),
     )
-    report.add("weights: values", same, "every kept tensor equals the checkpoint's" if same else "tensors differ")
-    return vanilla
+    # a cosine classifier is computed, not copied: equal to float rounding (the norm's summation order may differ)
+    rewritten = {f"{loaded.classifier}.weight", f"{loaded.classifier}.bias"} if cosine else set()
+    same = set(state) == set(expected) and all(
+        torch.allclose(v, expected[k], rtol=1e-5, atol=0) if k in rewritten else torch.equal(v, expected[k])
+        for k, v in state.items()
+    )
+    detail = "every kept tensor equals the checkpoint's" if same else "tensors differ"
+    if same and rewritten:
+        detail += "; the classifier is s * normalize(mean centers), its bias zero"
+    report.add("weights: values", same, detail)
 
 
 def check_graph(report: Report, exported: onnx.ModelProto, reference: onnx.ModelProto, meta: dict) -> None:
-    """The bundle's graph has the structure of the vanilla timm model exported the same way."""
+    """The bundle's graph has the structure of its baseline model (``reference``) exported the same way."""
     ours, theirs = graph_signature(exported), graph_signature(reference)
     report.add("graph: op sequence", ours["ops"] == theirs["ops"], f"{len(ours['ops'])} nodes")
     report.add(
@@ -318,7 +388,9 @@ def check_graph(report: Report, exported: onnx.ModelProto, reference: onnx.Model
     report.add("graph: inputs/outputs", io_same, f"{ours['inputs'][0][2]} -> {ours['outputs'][0][2]}")
     flops, flops_ref = count_flops(exported), count_flops(reference)
     report.add(
-        "graph: FLOPs", flops == flops_ref, f"{flops / 1e6:,.2f} MFLOPs per image, vanilla {flops_ref / 1e6:,.2f}"
+        "graph: FLOPs",
+        flops == flops_ref,
+        f"{flops / 1e6:,.2f} MFLOPs per image, {baseline_name(meta)} {flops_ref / 1e6:,.2f}",
     )
     input_size, num_classes = list(meta["preprocess"]["input_size"]), meta["num_classes"]
     shape_ok = ours["outputs"][0][2][1:] == [num_classes] and ours["inputs"][0][2][1:] == input_size
@@ -330,10 +402,12 @@ def check_outputs(
     bundle: Path,
     meta: dict,
     loaded: LoadedCheckpoint | None,
-    vanilla: torch.nn.Module,
+    baseline: torch.nn.Module,
     num_real: int,
 ) -> torch.Tensor | None:
-    """onnxruntime against the MC model (or, without it, the vanilla one) on random and real inputs.
+    """onnxruntime against the MC model (or, without it, the baseline one) on random and real inputs; and the
+    baseline model against the MC model: bit for bit for a linear classifier, to ``MAX_ABS_TOL`` for a cosine one
+    (``s * (x . w)`` and ``x . (s w)`` round differently).
 
     Returns:
         The real images used, or None when the training data is not at hand.
@@ -347,7 +421,7 @@ def check_outputs(
     with torch.no_grad():
         for kind, x in inputs.items():
             onnx_logits = ours.run(None, {INPUT_NAME: x.numpy()})[0]
-            torch_logits = (loaded.model if loaded else vanilla)(x).numpy()
+            torch_logits = (loaded.model if loaded else baseline)(x).numpy()
             err = float(np.abs(onnx_logits - torch_logits).max())
             agree = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
             report.outputs[kind] = {"max_abs": err, "top1_agreement": agree, "inputs": len(x)}
@@ -357,8 +431,15 @@ def check_outputs(
                 f"max-abs {err:.2e} <= {MAX_ABS_TOL:g} against the {who}, {len(x)} inputs",
             )
             report.add(f"outputs: top-1 agreement ({kind})", agree == 1.0, f"{100 * agree:.1f}%")
-            if loaded:
-                identical = torch.equal(vanilla(x), loaded.model(x))
+            if loaded and meta["head"]["classifier_kind"] == "cosine":
+                gap = float((baseline(x) - loaded.model(x)).abs().max())
+                report.add(
+                    f"outputs: baseline cosine == MC ({kind})",
+                    gap <= MAX_ABS_TOL,
+                    f"timm's cosine model with the bundle's weights: max-abs {gap:.2e} <= {MAX_ABS_TOL:g}",
+                )
+            elif loaded:
+                identical = torch.equal(baseline(x), loaded.model(x))
                 report.add(
                     f"outputs: vanilla == MC bit for bit ({kind})",
                     identical,
@@ -369,14 +450,16 @@ def check_outputs(
     return images
 
 
-def check_latency(report: Report, ours: Path, vanilla: Path, input_size: tuple, runs: int) -> None:
-    """onnxruntime latency of the bundle against the vanilla export: reported, never asserted."""
-    report.latency = measure_latency(ours, vanilla, input_size, runs)
+def check_latency(
+    report: Report, ours: Path, baseline: Path, input_size: tuple, runs: int, name: str = "vanilla"
+) -> None:
+    """onnxruntime latency of the bundle against its baseline's export (``name``): reported, never asserted."""
+    report.latency = measure_latency(ours, baseline, input_size, runs)
     for batch, r in report.latency.items():
         report.add(
             f"latency (batch {batch})",
             None,
-            f"{r['ours_ms']:.3f} ms vs vanilla {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}",
+            f"{r['ours_ms']:.3f} ms vs {name} {r['vanilla_ms']:.3f} ms, ratio {r['ratio']:.3f}",
         )
 
 
@@ -392,7 +475,8 @@ def check_fp16(report: Report, bundle: Path, images: torch.Tensor) -> None:
 
 
 def measure_latency(ours: Path, vanilla: Path, input_size, runs: int, batches=(1,)) -> dict:
-    """Median ORT latency of both models, same session options, runs interleaved; ratio ours / vanilla.
+    """Median ORT latency of both models, same session options, runs interleaved; ratio ours / vanilla (the
+    baseline's export, the cosine one for a cosine bundle; parity.json's keys keep the name).
 
     Which model runs first alternates from pair to pair, so neither always runs on caches the other warmed.
     """

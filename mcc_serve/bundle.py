@@ -20,11 +20,24 @@ A bundle directory holds (``mcc-export`` writes them in this order, all in one s
 model.json, version 1: ``format`` ("mcc-bundle"), ``version``, ``created``, ``arch``, ``num_classes``,
 ``class_names``, ``in_chans``, ``model_kwargs`` (extra ``timm.create_model`` arguments), ``input`` and ``output``
 (name, shape with a ``null`` batch axis, dtype), ``preprocess`` (timm's eval transform: ``input_size`` [C, H, W],
-``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), ``head`` (``type`` mc | linear,
-``classifier``, and for MC the training-time settings), ``source`` (``checkpoint``, ``sha256``, ``epoch``,
-``weights``: ``model`` or ``ema``, the checkpoint's weights that were exported; ``model`` when absent),
-``metrics`` (those weights' eval metrics), ``files`` (sha256 and size of each file), ``onnx`` (opset and exporter
-versions).
+``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``), ``head`` (see below), ``source``
+(``checkpoint``, ``sha256``, ``epoch``, ``weights``: ``model`` or ``ema``, the checkpoint's weights that were
+exported; ``model`` when absent), ``metrics`` (those weights' eval metrics), ``files`` (sha256 and size of each
+file), ``onnx`` (opset and exporter versions).
+
+``head``: how the model was trained and what its classifier computes at test time. ``type`` (mc | linear, the
+training head), ``classifier`` (its dotted path, e.g. ``fc``), the MC settings it was trained with
+(``num_subcenters``, ...), the softmax variant: ``loss`` (softmax | lsoftmax | cosface | arcface), ``margin`` (its m;
+null for softmax) and ``margin_scale`` (its s; null but for cosface and arcface), and ``classifier_kind``:
+
+- ``linear``: ``logits = x @ W^T + b`` on the pre-logit features x (softmax, lsoftmax): the vanilla timm model.
+- ``cosine``: ``logits = s * normalize(x) @ normalize(W_mean)^T`` (cosface, arcface). The weights hold the classifier
+  as timm's ``nn.Linear`` does, ``W = s * normalize(W_mean)`` row by row and a zero bias, so the model is the
+  vanilla timm model with its pre-logit features L2-normalised before the classifier; model.onnx contains that
+  normalisation, so onnxruntime and mcc-serve run it as any other bundle.
+
+A bundle written before the variants has none of these four keys: it reads as ``loss`` softmax, ``classifier_kind``
+linear.
 """
 
 from __future__ import annotations
@@ -47,6 +60,11 @@ MODEL_JSON, ONNX_FILE, FP16_FILE, WEIGHTS_FILE, CONFIG_JSON, PARITY_JSON, README
 )
 WEIGHTS = ("model", "ema")  # which of the checkpoint's weights were exported: its model, or its EMA of the model
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+# the softmax variants (mcc_train.margins.LOSSES, restated: this module imports no mcc_train) and, for each, the
+# classifier its test-time logits come from
+CLASSIFIER_KIND = {"softmax": "linear", "lsoftmax": "linear", "cosface": "cosine", "arcface": "cosine"}
+LOSSES = tuple(CLASSIFIER_KIND)
+CLASSIFIER_KINDS = ("linear", "cosine")
 
 
 class BundleError(Exception):
@@ -85,6 +103,20 @@ class Head(BaseModel):
 
     type: Literal["mc", "linear"]
     classifier: str
+    loss: Literal[LOSSES] = "softmax"
+    margin: float | None = None
+    margin_scale: float | None = Field(default=None, gt=0)
+    classifier_kind: Literal[CLASSIFIER_KINDS] = "linear"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Head:
+        kind = CLASSIFIER_KIND[self.loss]
+        if self.classifier_kind != kind:
+            raise ValueError(f"classifier_kind {self.classifier_kind!r} does not fit loss {self.loss!r} (a {kind} "
+                             "classifier)")  # fmt: skip
+        if kind == "cosine" and self.margin_scale is None:
+            raise ValueError(f"loss {self.loss!r} needs margin_scale, the s of its cosine logits")
+        return self
 
 
 class FileRecord(BaseModel):

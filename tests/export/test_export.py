@@ -56,9 +56,8 @@ def test_trained_checkpoint_exports_with_real_image_parity(trained_run, tmp_path
     assert names["graph: FLOPs"]["passed"] and report.latency["1"]["ratio"] > 0
     ckpt = load_checkpoint(trained_run / "best.pt")
     assert meta["preprocess"]["mean"] == ckpt["data_config"]["mean"] and meta["class_names"] == ckpt["class_names"]
-    assert meta["head"] == {"type": "mc", "classifier": "fc", **MC_DEFAULTS.head_kwargs()}
-    assert set(meta["head"]) == {"type", "classifier", "num_subcenters", "center_weight", "sigma_scale", "sigma_mode",
-                                 "sampling"}  # fmt: skip
+    plain = {"loss": "softmax", "margin": None, "margin_scale": None, "classifier_kind": "linear"}
+    assert meta["head"] == {"type": "mc", "classifier": "fc", **MC_DEFAULTS.head_kwargs(), **plain}
     assert meta["model_kwargs"] == {}
     assert meta["source"]["sha256"] == sha256_file(trained_run / "best.pt") and meta["metrics"]["top1"] >= 0
     assert verify_bundle(tmp_path / "b", latency_runs=2).passed  # again, from the files alone

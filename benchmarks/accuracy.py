@@ -7,23 +7,29 @@ and the verdict ("better", "worse", "no difference shown") comes from that inter
 The grid: two backbone families (a CNN and a ViT) x two regimes (all training images with a short schedule;
 10% of them with 5x the epochs). In every cell: linear, MC with the paper's settings and MC with mcc's
 defaults on 5 seeds, and the ablations on 2 seeds (the ViT cells run the scale-related ablations only).
+Beside the grid, the paper's table 6 in one cell (the CNN, full data): softmax, L-Softmax, ArcFace and CosFace,
+each with the linear and the MC head, on 5 seeds.
 
 Writes docs/RESULTS.md, docs/accuracy.png (paired differences with CI whiskers), docs/scale.png (sub-center
-scale per epoch), docs/centers.png (features and centers, linear vs MC) and
-benchmarks/results/accuracy_<device>.json (every run). Finished runs are cached there by their full config,
-so an interrupted study continues where it stopped, and a run whose config did not change is never redone.
-NOTE: the key is the run's config, not the code: after changing how mcc trains, delete the cache file.
+scale per epoch), docs/centers.png (features and centers, linear vs MC), docs/table6.png (table 6's pairs) and
+benchmarks/results/accuracy_<device>.json (every run). Finished runs are cached there by their config (the
+values that differ from TrainConfig's defaults, see ``run_key``), so an interrupted study continues where it
+stopped, a run whose config did not change is never redone, and a new TrainConfig field with a default leaves
+the cache valid. NOTE: the key is the run's config, not the code: after changing what mcc computes with a
+given config (or a default's meaning), delete the cache file.
 
     python benchmarks/accuracy.py                      # the grid on this machine's device (GPU when there is one)
     python benchmarks/accuracy.py --device cpu --jobs 2
     python benchmarks/accuracy.py --quick              # digits, 3 variants x 3 seeds: checks the pipeline (~1 min)
     python benchmarks/accuracy.py --report             # rewrite the docs from the cached runs only
+    python benchmarks/accuracy.py --device cpu --jobs 2 --only table6   # only the softmax variants (table 6)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,14 +47,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mcc_train import TrainConfig  # noqa: E402
+from mcc_train.config import RENAMED  # noqa: E402
 from mcc_train.head import MC_DEFAULTS, MC_PRESETS, MCSettings  # noqa: E402
+from mcc_train.margins import LOSSES  # noqa: E402
 
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
 MAIN_SEEDS, ABLATION_SEEDS = 5, 2
 CLIP = 8  # accuracy.png's x axis ends at +-CLIP points
 # config keys that do not change what a run computes
-NOT_HASHED = {"out", "overwrite", "progress", "workers", "resume", "device", "mc_preset"}
+NOT_HASHED = {"out", "overwrite", "progress", "workers", "resume", "device", "mc_preset", "tensorboard"}
+_DEFAULTS, _MISSING = TrainConfig().to_dict(), object()  # run_key: a key TrainConfig no longer has is always hashed
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,15 @@ OTHER_ABLATIONS = [
     Variant("MC + label smoothing", {"mc_preset": "paper", **LS}, baseline="linear + label smoothing"),
     Variant("linear + mixup/cutmix", {"head": "linear", **MIX}),
     Variant("MC + mixup/cutmix", {"mc_preset": "paper", **MIX}, baseline="linear + mixup/cutmix"),
+]
+MARGIN_LOSSES = {"lsoftmax": "L-Softmax", "arcface": "ArcFace", "cosface": "CosFace"}  # the paper's table 6 order
+TABLE6 = [MAIN[0], MAIN[2]] + [  # softmax, then each margin variant: linear vs plain linear, MC vs its own linear
+    v
+    for loss, label in MARGIN_LOSSES.items()
+    for v in (
+        Variant(f"{label} linear", {"head": "linear", "loss": loss}, main=True),
+        Variant(f"{label} MC default", {"mc_preset": "default", "loss": loss}, main=True, baseline=f"{label} linear"),
+    )
 ]
 
 
@@ -129,19 +147,39 @@ def grid(scale: str) -> tuple[list[Cell], str]:
     return cells, recipe
 
 
+def table6(scale: str) -> list[Cell]:
+    """The paper's table 6 (softmax, L-Softmax, ArcFace, CosFace, each with the linear and the MC head), in one
+    cell of the grid: the CNN with all the data (its softmax rows are that cell's linear and MC default runs)."""
+    if scale == "quick":
+        return []
+    cell = grid(scale)[0][0]
+    return [Cell(cell.name, cell.overrides, TABLE6)]
+
+
 def seeds(variant: Variant, scale: str) -> list[int]:
     return list(range(3 if scale == "quick" else MAIN_SEEDS if variant.main else ABLATION_SEEDS))
 
 
 def run_config(cell: Cell, variant: Variant, seed: int) -> dict:
-    """The full, resolved TrainConfig of one run, as plain values."""
-    return TrainConfig.from_dict({**cell.overrides, **variant.overrides, "seed": seed}).validate().to_dict()
+    """The full, resolved TrainConfig of one run, as plain values: a margin left at its kind's default is written
+    out, so a cached run keeps the m and s it trained with when ``LOSSES`` changes."""
+    cfg = TrainConfig.from_dict({**cell.overrides, **variant.overrides, "seed": seed}).validate()
+    kind = LOSSES[cfg.loss]
+    if kind.margin and cfg.margin is None:
+        cfg.margin = kind.margin
+    if kind.scale and cfg.margin_scale is None:
+        cfg.margin_scale = kind.scale
+    return cfg.to_dict()
 
 
 def run_key(config: dict) -> str:
-    """A run is identified by everything that changes what it computes (a linear head's MC settings do not)."""
+    """A run is identified by what it computes: the config keys whose value differs from ``TrainConfig()``'s (a
+    key the config lacks is at its default), less those that do not change the result (``NOT_HASHED``, and a
+    linear head's MC settings). A field added to TrainConfig with a default, or renamed (``RENAMED``), leaves
+    the keys of the runs cached before it unchanged."""
+    config = {RENAMED.get(k, k): v for k, v in config.items()}
     ignored = NOT_HASHED | (set(MCSettings.__dataclass_fields__) if config.get("head") == "linear" else set())
-    kept = {k: v for k, v in sorted(config.items()) if k not in ignored}
+    kept = {k: v for k, v in sorted(config.items()) if k not in ignored and v != _DEFAULTS.get(k, _MISSING)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -213,6 +251,7 @@ class Study:
     recipe: str
     cache_path: Path
     runs: dict  # run key -> record
+    table6: list[Cell] = field(default_factory=list)  # the softmax-variant comparison, beside the grid
 
     def key(self, cell: Cell, variant: Variant, seed: int) -> str:
         return run_key(run_config(cell, variant, seed))
@@ -232,20 +271,25 @@ class Study:
         return self.key(cell, va, 0) == self.key(cell, vb, 0)
 
     def comparison(
-        self, cell: Cell, variant: Variant, max_seeds: int | None = None, first_seed: int = 0
+        self, cell: Cell, variant: Variant, max_seeds: int | None = None, first_seed: int = 0, baseline: str = ""
     ) -> dict | None:
-        """The paired difference to the variant's baseline over the seeds both have finished (only seeds
-        ``first_seed`` and later, and the first ``max_seeds`` of them, when given)."""
-        base = next(v for v in cell.variants if v.name == variant.baseline)
+        """The paired difference to the variant's baseline (or to ``baseline``, a variant's name, when given) over
+        the seeds both have finished (only seeds ``first_seed`` and later, and the first ``max_seeds`` of them)."""
+        base = next(v for v in cell.variants if v.name == (baseline or variant.baseline))
         mine, theirs = self.top1(cell, variant), self.top1(cell, base)
         common = [s for s in sorted(set(mine) & set(theirs)) if s >= first_seed][:max_seeds]
         return paired([mine[s] for s in common], [theirs[s] for s in common]) if common else None
 
-    def todo(self) -> list[tuple[Cell, Variant, int]]:
-        """Unfinished runs, cheapest evidence first: seeds 0-1 of everything, then the main rows' other seeds,
-        and mcc's defaults last (so a study that changes the defaults reruns only those)."""
+    def keys(self, cells: list[Cell]) -> set[str]:
+        """The run keys of ``cells``' variants and seeds."""
+        return {self.key(c, v, s) for c in cells for v in c.variants for s in seeds(v, self.scale)}
+
+    def todo(self, cells: list[Cell] | None = None) -> list[tuple[Cell, Variant, int]]:
+        """Unfinished runs of ``cells`` (default: the grid and table 6), cheapest evidence first: seeds 0-1 of
+        everything, then the main rows' other seeds, and mcc's defaults last (so a study that changes the
+        defaults reruns only those)."""
         order = []
-        for cell in self.cells:
+        for cell in self.cells + self.table6 if cells is None else cells:
             for variant in cell.variants:
                 for seed in seeds(variant, self.scale):
                     rank = (variant.name == DEFAULT, seed >= ABLATION_SEEDS)
@@ -266,9 +310,12 @@ class Study:
         tmp.replace(self.cache_path)
 
 
-def execute(study: Study, runs_dir: Path, device: str, jobs: int, workers: int, threads: int) -> None:
-    """Run what is missing, ``jobs`` processes at a time; every finished run is saved at once."""
-    todo = study.todo()
+def execute(
+    study: Study, runs_dir: Path, device: str, jobs: int, workers: int, threads: int, cells: list[Cell] | None = None
+) -> None:
+    """Run what is missing (of ``cells`` only, when given), ``jobs`` processes at a time; every finished run is
+    saved at once."""
+    todo = study.todo(cells)
     if not todo:
         return
     print(f"{len(todo)} runs to do, {jobs} at a time, {threads} thread(s) each", flush=True)
@@ -475,13 +522,13 @@ def write_report(studies: list[Study], docs: Path, commands: dict[str, str]) -> 
     if reading.is_file():
         lines += [reading.read_text().strip(), ""]
     for study in studies:
-        devices = sorted({r["device"] for r in study.runs.values() if "device" in r})
-        hours = sum(r.get("wall_s", 0) for r in study.runs.values()) / 3600
-        failed = [f"{r['cell']} | {r['variant']} | seed {r['seed']}: {r['error']}" for r in study.runs.values()
-                  if "error" in r]  # fmt: skip
+        runs = [study.runs[k] for k in study.keys(study.cells) if k in study.runs]  # the grid's, not table 6's
+        devices = sorted({r["device"] for r in runs if "device" in r})
+        hours = sum(r.get("wall_s", 0) for r in runs) / 3600
+        failed = [f"{r['cell']} | {r['variant']} | seed {r['seed']}: {r['error']}" for r in runs if "error" in r]
         lines += [f"## On {', '.join(devices)}", "",
                   f"Command: `{commands[study.scale]}`. Recipe: {study.recipe}. "
-                  f"{len(study.runs)} runs, {hours:.1f} hours of run time in all (runs went in parallel).", "",
+                  f"{len(runs)} runs, {hours:.1f} hours of run time in all (runs went in parallel).", "",
                   "**Where the intervals exclude zero:**", "", *summary_lines(study), ""]  # fmt: skip
         if failed:
             lines += ["**Runs that failed** (left out of the tables):", "", *[f"- {f}" for f in failed], ""]
@@ -500,16 +547,80 @@ def write_report(studies: list[Study], docs: Path, commands: dict[str, str]) -> 
     lines += ["![paired differences to linear with 95% CIs](accuracy.png)", "",
               "![sub-center scale per epoch](scale.png)", "",
               "![features and centers, linear vs MC](centers.png)", ""]  # fmt: skip
+    for study in [s for s in studies if has_table6(s)]:
+        lines += table6_lines(study, commands[study.scale])
     (docs / "RESULTS.md").write_text("\n".join(lines))
 
 
-def plot_accuracy(study: Study, path: Path) -> None:
+def has_table6(study: Study) -> bool:
+    """Whether any run of table 6's own (beyond the grid's softmax rows) is cached."""
+    return bool(study.keys(study.table6) - study.keys(study.cells) & set(study.runs))
+
+
+def table6_lines(study: Study, command: str) -> list[str]:
+    """The paper's table 6 on this study's device: each softmax variant with the linear and the MC head, every row
+    paired with linear softmax and each MC row with the linear head of its own loss; then the margin sweep."""
+    cell = study.table6[0]
+    own = study.keys(study.table6) - study.keys(study.cells)  # the softmax rows are the grid's runs
+    runs = [study.runs[k] for k in own if k in study.runs]
+    devices = sorted({r["device"] for r in runs if "device" in r})
+    minutes = sum(r.get("wall_s", 0) for r in runs) / 60
+    margins = []
+    for label in MARGIN_LOSSES.values():
+        config = run_config(cell, next(v for v in cell.variants if v.name == f"{label} linear"), 0)
+        scale = f", s = {config['margin_scale']:g}" if config["margin_scale"] else ""
+        margins.append(f"{label} m = {config['margin']:g}{scale}")
+    lines = ["## Softmax variants (the paper's table 6)", "",
+             f"On {', '.join(devices)}. Command: `{command} --only table6` (runs only what this section lacks). "
+             f"Cell: {cell.name} of the grid above, same recipe; its softmax rows are that cell's *linear* and *MC "
+             f"default* runs. Margins: mcc's defaults (`LOSSES` in `mcc_train/margins.py`, chosen by the sweep "
+             f"below): {'; '.join(margins)}. MC: mcc's default preset ({describe(MC_DEFAULTS)}). {len(runs)} runs "
+             f"of its own (of {len(own)}), {minutes:.0f} minutes of run time (runs went in parallel).", "",
+             "Every row is paired by seed with linear softmax (does the loss, alone or with MC, beat the ordinary "
+             "classifier?), and each MC row with the linear head of the same loss (does MC add to that loss? the "
+             "paper's table 6 question).", "",
+             "| loss | head | seeds | top-1 mean | std | difference to linear softmax, 95% CI | verdict "
+             "| MC - linear, same loss, 95% CI | verdict |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    tested, verdicts = 0, {"better": [], "worse": []}
+    for variant in cell.variants:
+        vals = list(study.top1(cell, variant).values())
+        label = variant.name.removesuffix(" linear").removesuffix(" MC default")
+        loss = "softmax" if variant.name in (LINEAR, DEFAULT) else label
+        head = "linear" if variant.overrides.get("head") == "linear" else "MC"
+        n_want = len(seeds(variant, study.scale))
+        if not vals:
+            lines.append(f"| {loss} | {head} | 0/{n_want} | - | - | - | pending | - | |")
+            continue
+        row = [loss, head, f"{len(vals)}" + ("" if len(vals) == n_want else f"/{n_want}"),
+               f"{statistics.mean(vals):.2f}", f"{statistics.stdev(vals) if len(vals) > 1 else 0:.2f}"]  # fmt: skip
+        pairs = [study.comparison(cell, variant, baseline=LINEAR) if variant.name != LINEAR else None,
+                 study.comparison(cell, variant) if head == "MC" else None]  # fmt: skip
+        for name, c in zip(("vs linear softmax", "MC - linear"), pairs, strict=True):
+            row += [fmt_ci(c), c["verdict"]] if c else ["(reference)" if variant.name == LINEAR else "", ""]
+            if c is not None and not math.isnan(c["lo"]) and not (name == "MC - linear" and loss == "softmax"):
+                tested += 1  # softmax's MC - linear is the grid's MC default row, counted there
+                if c["verdict"] in verdicts:
+                    verdicts[c["verdict"]].append(f"{loss} {head} {name} {fmt_ci(c)}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"**Where the intervals exclude zero:** better: {'; '.join(verdicts['better']) or 'none'}. "
+              f"Worse: {'; '.join(verdicts['worse']) or 'none'}. {tested} new comparisons at 95% each: about "
+              f"{0.05 * tested:.1f} would exclude zero by chance.", "",
+              "![paired differences, table 6](table6.png)", ""]  # fmt: skip
+    sweep = RESULTS / "margin_sweep.json"
+    if sweep.is_file():
+        lines += ["### How the margin defaults were chosen (`benchmarks/margin_sweep.py`)", "",
+                  *json.loads(sweep.read_text()).get("markdown", ["(no table: run the sweep)"]), ""]  # fmt: skip
+    return lines
+
+
+def plot_accuracy(study: Study, path: Path, title: str = "MC variants against the linear head") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(study.cells), figsize=(4.6 * len(study.cells), 6.5), squeeze=False)
+    width = max(4.6 * len(study.cells), 7.5)  # one cell (table 6): room for the title
+    fig, axes = plt.subplots(1, len(study.cells), figsize=(width, 6.5), squeeze=False)
     colours = {"better": "tab:green", "worse": "tab:red"}
     for ax, cell in zip(axes[0], study.cells, strict=True):
         names, rows = [], []
@@ -541,7 +652,8 @@ def plot_accuracy(study: Study, path: Path) -> None:
                     ax.plot(left, i, marker="<", color="k", ms=5, clip_on=False)
                 if c["hi"] > right:
                     ax.plot(right, i, marker=">", color="k", ms=5, clip_on=False)
-    fig.suptitle(f"MC variants against the linear head, paired by seed (green: better, red: worse; "
+    sep = "\n" if len(study.cells) == 1 else " "
+    fig.suptitle(f"{title}, paired by seed{sep}(green: better, red: worse; "
                  f"a triangle: the interval goes on past the axis, cut at +-{CLIP} points)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -656,11 +768,15 @@ def plot_centers(study: Study, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- the command
 
 
+def load_runs(cache_path: Path) -> dict:
+    """The cached runs of a study file, keyed by this version of ``run_key``."""
+    runs = json.loads(cache_path.read_text())["runs"] if cache_path.is_file() else {}
+    return {run_key(r["config"]): r for r in runs.values()}
+
+
 def load_study(scale: str, cache_path: Path) -> Study:
     cells, recipe = grid(scale)
-    runs = json.loads(cache_path.read_text())["runs"] if cache_path.is_file() else {}
-    runs = {run_key(r["config"]): r for r in runs.values()}  # keyed by this version of run_key
-    return Study(scale, cells, recipe, cache_path, runs)
+    return Study(scale, cells, recipe, cache_path, load_runs(cache_path), table6(scale))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -670,6 +786,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="data-loading workers per run (default: 0 on CPU)")
     parser.add_argument("--quick", action="store_true", help="digits, 3 variants x 3 seeds (about a minute)")
     parser.add_argument("--report", action="store_true", help="only rewrite the docs from the cached runs")
+    parser.add_argument("--only", choices=("grid", "table6"), default=None,
+                        help="run only the grid, or only the softmax variants (the paper's table 6)")  # fmt: skip
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "accuracy"), help="checkpoints of every run")
     parser.add_argument("--results", default=None, help="the cache JSON (default: benchmarks/results/...)")
     parser.add_argument("--docs", default=None, help="where RESULTS.md and the plots go (default: docs/)")
@@ -690,7 +808,8 @@ def main(argv: list[str] | None = None) -> None:
 
     study = load_study(scale, results)
     if not args.report:
-        execute(study, Path(args.runs_dir), "cuda" if cuda else "cpu", jobs, workers, threads)
+        cells = {"grid": study.cells, "table6": study.table6}.get(args.only)
+        execute(study, Path(args.runs_dir), "cuda" if cuda else "cpu", jobs, workers, threads, cells)
     # docs/ shows every full study that has runs: the CPU grid and, once run, the GPU grid
     others = [] if args.quick else [load_study(k, RESULTS / f"accuracy_{k}.json") for k in ("gpu", "cpu") if k != scale]
     studies = sorted([study, *[s for s in others if s.runs]], key=lambda s: s.scale != "gpu")  # the GPU grid first
@@ -701,6 +820,9 @@ def main(argv: list[str] | None = None) -> None:
     plot_accuracy(studies[0], docs / "accuracy.png")
     plot_scale(studies[0], docs / "scale.png")
     plot_centers(studies[0], docs / "centers.png")
+    if has_table6(studies[0]):
+        plot_accuracy(dataclasses.replace(studies[0], cells=studies[0].table6), docs / "table6.png",
+                      "Softmax variants (table 6): each row against its baseline")  # fmt: skip
     print((docs / "RESULTS.md").read_text())
 
 

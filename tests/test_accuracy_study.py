@@ -37,6 +37,28 @@ def test_runs_are_keyed_by_what_they_compute():
     assert accuracy.run_key({**linear, "sigma_scale": 0.5}) == accuracy.run_key(linear)  # MC settings unused
 
 
+def test_run_keys_survive_new_and_renamed_config_fields():
+    # a run cached before a field existed (or under its old name) keeps its key: only non-default values count
+    cell = accuracy.grid("cpu")[0][0]
+    config = accuracy.run_config(cell, accuracy.MAIN[1], 0)
+    older = {k: v for k, v in config.items() if k not in ("loss", "margin", "margin_scale", "opt", "sched")}
+    older["checkpoint_path"] = older.pop("pretrained_file")
+    assert accuracy.run_key(older) == accuracy.run_key(config)
+    assert accuracy.run_key({**config, "loss": "cosface"}) != accuracy.run_key(config)
+
+
+def test_table6_pairs_each_margin_variant_with_its_linear_head_and_pins_its_margin():
+    cell = accuracy.table6("cpu")[0]
+    assert cell.overrides == accuracy.grid("cpu")[0][0].overrides  # the grid's CNN, full data
+    by_name = {v.name: v for v in cell.variants}
+    for label in ("L-Softmax", "ArcFace", "CosFace"):
+        linear, mc = by_name[f"{label} linear"], by_name[f"{label} MC default"]
+        assert linear.baseline == accuracy.LINEAR and mc.baseline == linear.name and linear.main and mc.main
+    arcface = accuracy.run_config(cell, by_name["ArcFace linear"], 0)
+    assert arcface["margin"] is not None and arcface["margin_scale"] is not None  # a later LOSSES change reruns it
+    assert accuracy.table6("quick") == []
+
+
 def test_the_grid_has_both_regimes_both_families_and_the_named_variants():
     cells, _ = accuracy.grid("cpu")
     assert [c.name for c in cells] == ["CNN, full data", "CNN, data-poor", "ViT, full data", "ViT, data-poor"]

@@ -135,7 +135,7 @@ def head_variant(cfg: dict) -> dict:
     cosine = variant.kind.cosine
     return {
         "loss": variant.loss,
-        "margin": None if variant.loss == "softmax" else float(variant.margin),
+        "margin": float(variant.margin) if variant.kind.has_margin else None,
         "margin_scale": float(variant.scale) if cosine else None,
         "classifier_kind": "cosine" if cosine else "linear",
     }

@@ -53,7 +53,7 @@ def summary(meta: dict, bundle_name: str) -> str:
     epoch = f" after epoch {src['epoch']}" if src.get("epoch") is not None else ""
     head = meta["head"]
     trained = "mcc's multi-center (MC) head" if head["type"] == "mc" else "a linear head"
-    if head["loss"] != "softmax":
+    if LOSSES[head["loss"]].has_margin:
         trained += f" and the {LOSSES[head['loss']].title} loss"
     model = f"the vanilla timm `{meta['arch']}` with a linear classifier"
     if head["classifier_kind"] == "cosine":

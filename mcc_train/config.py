@@ -198,11 +198,17 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.loss in LOSSES:
+        if self.margin_scale is not None and not self.variant.cosine:
+            raise UsageError(f"--margin-scale applies to --loss cosface or arcface, not {self.loss}")
+        if self.variant.has_margin:
             try:
-                make_margin(self.loss, self.margin, self.margin_scale)
+                variant = make_margin(self.loss, self.margin, self.margin_scale)
             except ValueError as e:
                 raise UsageError(f"--margin/--margin-scale: {e}") from None
+            # the values trained with go into config.yaml and the checkpoint: a later change of the defaults
+            # never changes what an earlier run's export, resume or evaluation computes
+            self.margin = variant.margin
+            self.margin_scale = variant.scale if self.variant.cosine else None
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -84,6 +84,10 @@ class MultiCenterHead(nn.Module):
         bias: keep a per-class bias, shared by the mean and its sub-centers (none with a cosine ``margin``).
         margin: a softmax variant (``mcc_train.margins``: L-Softmax, CosFace, ArcFace) scoring the mean centers and
             the sampled sub-centers alike; None: plain softmax. Needs shared sampling (a local draw has no rows).
+            The margin goes on all K+1 rows of each sample's target class: the class its soft target (label
+            smoothing, mixup, cutmix) gives the most mass, the lowest on a tie; the cross-entropy still scores the
+            soft multi-center target. The training loop names the targets before each forward
+            (``set_margin_target``).
     """
 
     def __init__(

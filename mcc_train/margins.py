@@ -6,9 +6,12 @@ Shapes: B batch, d features, R scored rows (C classes, or C*(K+1) extended cente
 - ``softmax``: ``x . w_r + b_r``, no margin.
 - ``lsoftmax`` (Liu et al. 2016, "Large-Margin Softmax Loss"): the target row's logit ``|w||x| cos(theta)`` becomes
   ``|w||x| psi(theta)``, ``psi(theta) = (-1)^k cos(m theta) - 2k`` for ``theta in [k pi/m, (k+1) pi/m]``, an
-  integer ``m``; annealed against plain softmax as the paper's code does: ``(lambda |w||x| cos + |w||x| psi) /
-  (1 + lambda)``, ``lambda = max(lambda_min, 1000 / (1 + 0.12 t))`` after t optimizer updates. Other rows and the
-  bias (timm's classifier keeps one; the paper has none) are unchanged. Test time: ``x . w + b``, the linear head.
+  integer ``m``; annealed against plain softmax as the paper prescribes: ``(lambda |w||x| cos + |w||x| psi) /
+  (1 + lambda)``, ``lambda = 1000 / (1 + gamma t)`` after t of the run's T optimizer updates. The paper's code sets
+  gamma for ImageNet-length runs (its lambda is still in the hundreds after a thousand updates, which leaves a short
+  run plain softmax); here ``gamma = 2000 / T``, so lambda is 1 at mid-run (psi has half the weight) and 0.5 at the
+  end (two thirds), on any run length. Other rows and the bias (timm's classifier keeps one; the paper has none) are
+  unchanged. Test time: ``x . w + b``, the linear head.
 - ``cosface`` (Wang et al. 2018, "CosFace"): every row scores ``s cos(theta_r)``, cos of the L2-normalised feature
   and row; the target rows get ``s (cos(theta) - m)``. No bias. Test time: ``s cos(theta)`` over the mean centers.
 - ``arcface`` (Deng et al. 2019, "ArcFace"): as CosFace with ``s cos(theta + m)`` on the target rows; where
@@ -19,7 +22,9 @@ With MC the rows are the mean centers and the sampled sub-centers (``MultiCenter
 scored the same way, and the margin goes on all K+1 rows of the target class. The target class of a sample is the
 class its (soft) target gives the most mass (ties: the lowest index): with label smoothing that is the label, with
 mixup/cutmix the dominant image's; the soft target itself (``multi_center_target``) is what the cross-entropy
-scores, unchanged. A head with no target set (``Margin.target`` None) scores without a margin.
+scores, unchanged. The training loop sets the target (``set_margin_target``) before each training forward, which
+consumes it; a training forward of a head with a margin and no target is an error, not a silent softmax. The
+margin is computed in float32 whatever autocast is on (acos, sqrt and s * cos lose too much in bf16).
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ LOSSES = {
     "cosface": LossKind("cosface", "CosFace", cosine=True, margin=0.2, scale=16.0, on_target=cosface),
     "arcface": LossKind("arcface", "ArcFace", cosine=True, margin=0.3, scale=16.0, on_target=arcface),
 }
-LSOFTMAX_BASE, LSOFTMAX_GAMMA, LSOFTMAX_LAMBDA_MIN = 1000.0, 0.12, 5.0  # lambda schedule of the papers' code
+LSOFTMAX_BASE = 1000.0  # the paper's lambda at the start; its decay rate comes from the run's length
+LSOFTMAX_MAX_MARGIN = 8  # the paper uses m = 1-4; cos(m theta) past 8 has no use and costs m steps per forward
 
 
 @dataclass
@@ -110,8 +116,9 @@ class Margin:
     loss: str = "softmax"
     margin: float = 0.0
     scale: float = 1.0
-    target: torch.Tensor | None = None  # (B,) class indices; None: no margin (e.g. eval, or a forward outside training)
-    step: int = 0  # optimizer updates so far: the L-Softmax annealing
+    target: torch.Tensor | None = None  # (B,) class indices for the next training forward, which consumes them
+    step: int = 0  # optimizer updates so far, of total_steps: the L-Softmax annealing
+    total_steps: int = 1
 
     def __post_init__(self):
         check_margin_args(self.loss, self.margin, self.scale)
@@ -121,7 +128,9 @@ class Margin:
         return LOSSES[self.loss]
 
     def lsoftmax_lambda(self) -> float:
-        return max(LSOFTMAX_LAMBDA_MIN, LSOFTMAX_BASE / (1 + LSOFTMAX_GAMMA * self.step))
+        """lambda = 1000 / (1 + gamma t), gamma = 2000 / T: 1000 at the start, 1 at mid-run, 0.5 at the end."""
+        gamma = 2 * LSOFTMAX_BASE / max(self.total_steps, 1)
+        return LSOFTMAX_BASE / (1 + gamma * self.step)
 
     def train_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_class: torch.Tensor):
         """Training logits over R rows with the margin on the target class's rows: (B, d), (R, d) -> (B, R).
@@ -129,9 +138,20 @@ class Margin:
         Args:
             row_class: (R,) the class of each row (``arange(C)`` for a linear head).
         """
-        if self.target is None or not self.kind.has_margin:
+        if not self.kind.has_margin:
             return self.test_logits(x, weight, bias)
-        is_target = row_class.unsqueeze(0) == self.target.unsqueeze(1)  # (B, R)
+        if self.target is None or len(self.target) != len(x):
+            raise RuntimeError(
+                f"a {self.kind.title} head in training mode needs set_margin_target(head, target, step, total) before "
+                "each forward (mcc_train.train does it); call model.eval() for test-time logits"
+            )
+        target, self.target = self.target, None  # consumed: a stale target never scores another batch
+        with torch.autocast(x.device.type, enabled=False):  # float32 margins whatever autocast is on
+            return self._train_logits(x.float(), weight.float(), None if bias is None else bias.float(), row_class,
+                                      target)  # fmt: skip
+
+    def _train_logits(self, x, weight, bias, row_class, target) -> torch.Tensor:
+        is_target = row_class.unsqueeze(0) == target.unsqueeze(1)  # (B, R)
         if self.kind.cosine:
             cos = cosine(x, weight)  # (B, R)
             return self.scale * torch.where(is_target, self.kind.on_target(cos, self.margin), cos)
@@ -146,7 +166,8 @@ class Margin:
     def test_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The variant's test-time logits: ``x . w + b``, or ``s cos(theta)`` for a cosine kind. (B, d) -> (B, R)."""
         if self.kind.cosine:
-            return self.scale * cosine(x, weight)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.scale * cosine(x.float(), weight.float())
         return F.linear(x, weight, bias)
 
 
@@ -155,8 +176,12 @@ def check_margin_args(loss: str, margin: float, scale: float) -> None:
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     kind = LOSSES[loss]
-    if kind.has_margin and not kind.cosine and (margin != int(margin) or margin < 1):
-        raise ValueError(f"the {kind.title} margin is an integer >= 1 (cos(m theta)), got {margin!r}")
+    if not (math.isfinite(margin) and math.isfinite(scale)):
+        raise ValueError(f"the margin and scale must be finite, got {margin!r} and {scale!r}")
+    if kind.has_margin and not kind.cosine and not (margin == int(margin) and 1 <= margin <= LSOFTMAX_MAX_MARGIN):
+        raise ValueError(
+            f"the {kind.title} margin is an integer from 1 to {LSOFTMAX_MAX_MARGIN} (cos(m theta)), got {margin!r}"
+        )
     if kind.cosine and not 0 <= margin < 1:
         raise ValueError(f"the {loss} margin must be in [0, 1), got {margin!r}")
     if LOSSES[loss].cosine and not scale > 0:
@@ -219,9 +244,11 @@ def hard_target(target: torch.Tensor) -> torch.Tensor:
     return target if target.ndim == 1 else target.argmax(dim=1)
 
 
-def set_margin_target(head: nn.Module, target: torch.Tensor | None, step: int) -> None:
-    """Tell a head with a softmax variant the target classes (and update count) of its next training forward."""
+def set_margin_target(head: nn.Module, target: torch.Tensor | None, step: int, total_steps: int = 1) -> None:
+    """Tell a head with a softmax variant the target classes of its next training forward (class indices (B,) or a
+    soft target (B, C)), and where the run is: ``step`` of ``total_steps`` optimizer updates. No-op for other
+    heads."""
     margin = getattr(head, "margin", None)
     if isinstance(margin, Margin):
         margin.target = None if target is None else hard_target(target)
-        margin.step = step
+        margin.step, margin.total_steps = step, total_steps

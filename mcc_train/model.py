@@ -107,9 +107,11 @@ def create_model(
                 **timm_kwargs,
             )
         except Exception as e:  # whatever timm or the arch's key remapping raises on weights it cannot take
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            keyed = [line for line in lines if "key" in line.lower() or "size mismatch" in line]
+            detail = (keyed or lines or [""])[0][:200]
             raise UsageError(
-                f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} ({type(e).__name__}: {detail})"
             ) from None
         notes = [f"input conv adapted from {overlay['input_size'][0]} to {in_chans} channels"] * (
             "input_size" in overlay and overlay["input_size"][0] != in_chans
@@ -225,6 +227,13 @@ def pretrained_overlay(model: nn.Module, arch: str, pretrained_file: str | Path,
     # an mcc-train checkpoint: timm's loader has taken its "model" (or "model_ema") weights; an MC head's mean centers
     # are its linear classifier, so only log_var goes
     state.pop(f"{classifier}.log_var", None)
+    if (
+        f"{classifier}.weight" in state
+        and f"{classifier}.bias" not in state
+        and model.get_classifier().bias is not None
+    ):
+        # a CosFace/ArcFace head trains without a bias; the vanilla classifier it stands for has a zero one
+        state[f"{classifier}.bias"] = torch.zeros(state[f"{classifier}.weight"].shape[0])
     # NOTE: timm passes an arch's filter to its builder without recording it on the model; the convention is a
     # module-level checkpoint_filter_fn, which every arch with a remapping that we know of follows
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)

@@ -124,7 +124,8 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
         cycle_len = min(accum, steps - cycle_start)  # the epoch's last cycle may be shorter
         update = i + 1 == cycle_start + cycle_len
         sync = rt.distributed and not update  # DDP all-reduces gradients only on the cycle's last micro-batch
-        set_margin_target(step.model.get_classifier(), soft, epoch * step.updates_per_epoch + i // accum)
+        set_margin_target(step.model.get_classifier(), soft, epoch * step.updates_per_epoch + i // accum,
+                          cfg.epochs * step.updates_per_epoch)  # fmt: skip
         with step.ddp_model.no_sync() if sync else contextlib.nullcontext():
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 logits = step.ddp_model(images)  # (B, C*(K+1)) for MC, (B, C) for linear

@@ -259,3 +259,10 @@ def test_balanced_sampler_is_what_training_draws_from(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "build_loaders", spy)
     assert run(tmp_path, "bal", "--balanced-sampler") == 0
     assert seen == ["BalancedSampler"]
+
+
+def test_a_cosface_checkpoint_is_a_weights_file_too(tmp_path):
+    assert run(tmp_path, "cos", "--loss", "cosface") == 0  # its head has no bias
+    model = create_model("resnet10t", 10, in_chans=1, pretrained_file=tmp_path / "cos" / "last.pt")
+    trained = load_checkpoint(tmp_path / "cos" / "last.pt")["model"]
+    assert torch.equal(model.fc.weight, trained["fc.weight"]) and not model.fc.bias.any()

@@ -72,14 +72,14 @@ def test_lsoftmax_psi_is_the_papers_piecewise_function(m):
     torch.testing.assert_close(chebyshev(torch.cos(theta), m), torch.cos(m * theta))
 
 
-def test_lsoftmax_target_logit_is_annealed_from_softmax():
+def test_lsoftmax_target_logit_is_annealed_from_softmax_over_the_run():
     h = head("lsoftmax", margin=2).train()
     target = torch.tensor([0, 1])
     raw = X @ W.T  # (2, 2): |w||x| cos(theta)
     norms = X.norm(dim=1, keepdim=True) * W.norm(dim=1)
     psi = lsoftmax_psi(COS, 2)
-    for step, lam in ((0, 1000.0), (10**9, 5.0)):  # lambda = max(5, 1000 / (1 + 0.12 t))
-        set_margin_target(h, target, step)
+    for step, lam in ((0, 1000.0), (50, 1000 / 1001), (100, 1000 / 2001)):  # 1000 / (1 + (2000 / T) t), T = 100
+        set_margin_target(h, target, step, total_steps=100)
         assert h.margin.lsoftmax_lambda() == pytest.approx(lam)
         on_target = (lam * raw + norms * psi) / (1 + lam)
         expected = torch.where(torch.eye(2, dtype=torch.bool), on_target, raw)
@@ -129,11 +129,50 @@ def test_mc_puts_the_margin_on_every_row_of_the_target_class():
     torch.testing.assert_close(mc.to_linear()(X), 8 * COS)
 
 
-def test_no_target_no_margin_and_the_soft_target_rule():
+def test_a_target_is_needed_and_consumed_and_the_soft_target_rule():
     h = head("cosface", margin=0.3, scale=5.0).train()
-    set_margin_target(h, None, step=0)
-    torch.testing.assert_close(h(X), 5 * COS)
+    with pytest.raises(RuntimeError, match="needs set_margin_target"):
+        h(X)  # a training forward without a target would silently be plain softmax
+    set_margin_target(h, torch.tensor([0, 1]), step=0)
+    h(X)
+    with pytest.raises(RuntimeError, match="needs set_margin_target"):
+        h(X)  # consumed: a stale target never scores another batch
+    set_margin_target(h, torch.tensor([0, 1, 1]), step=0)
+    with pytest.raises(RuntimeError, match="needs set_margin_target"):
+        h(X)  # a target for another batch size
     assert hard_target(torch.tensor([[0.5, 0.5], [0.2, 0.8]])).tolist() == [0, 1]  # ties: the lowest class
+
+
+def test_margins_are_float32_under_autocast():
+    h = head("arcface", margin=0.3, scale=16.0).train()
+    x = torch.randn(8, 2)
+    target = torch.randint(0, 2, (8,))
+    set_margin_target(h, target, step=0)
+    reference = h(x)
+    set_margin_target(h, target, step=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = h(x)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_training_loop_sets_every_forwards_target_and_the_run_position(tmp_path, monkeypatch):
+    from mcc_train.margins import Margin
+
+    seen = []
+    original = Margin._train_logits
+
+    def spy(self, x, weight, bias, row_class, target):
+        seen.append((len(target), self.step, self.total_steps))
+        return original(self, x, weight, bias, row_class, target)
+
+    monkeypatch.setattr(Margin, "_train_logits", spy)
+    args = [*FAST_TRAIN, "--epochs", "2", "--out", str(tmp_path / "o"), "--loss", "lsoftmax", "--mixup", "0.2",
+            "--grad-accum-steps", "2"]  # fmt: skip
+    assert main(args) == 0
+    # 128 images / batch 32 = 4 micro-batches per epoch, 2 per update: 2 updates per epoch, 4 in the run
+    assert [b for b, _, _ in seen] == [32] * 8
+    assert [step for _, step, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3] and {t for _, _, t in seen} == {4}
 
 
 def test_to_cosine_linear_normalises_its_input():
@@ -148,7 +187,9 @@ def test_bad_settings_are_one_line(tmp_path, capsys):
 
     for args, message in (
         (["--margin", "0.2"], "--margin and --margin-scale apply to --loss lsoftmax, cosface or arcface"),
-        (["--loss", "lsoftmax", "--margin", "2.5"], "L-Softmax margin is an integer"),
+        (["--loss", "lsoftmax", "--margin", "2.5"], "L-Softmax margin is an integer from 1 to 8"),
+        (["--loss", "lsoftmax", "--margin", "inf"], "must be finite"),
+        (["--loss", "lsoftmax", "--margin-scale", "30"], "--margin-scale applies to --loss cosface or arcface"),
         (["--loss", "arcface", "--margin", "1.5"], "margin must be in [0, 1)"),
         (["--loss", "cosface", "--margin-scale", "0"], "scale s must be > 0"),
         (["--loss", "arcface", "--sampling", "local"], "use --sampling shared"),

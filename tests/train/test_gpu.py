@@ -51,3 +51,16 @@ def test_fine_tuning_with_ema_and_accumulation_then_ema_export(tmp_path):
         assert all(torch.isfinite(v).all() for v in ckpt[weights].values() if v.is_floating_point())
     config = ExportConfig(str(tmp_path / "ft" / "last.pt"), str(tmp_path / "b"), latency_runs=5, weights="ema")
     assert export_and_prove(config)
+
+
+@pytest.mark.parametrize("loss", ["arcface", "lsoftmax"])
+def test_margin_heads_under_amp_export_with_their_proof(tmp_path, loss):
+    """MC + a softmax variant under bf16/fp16 autocast and channels_last (the margin runs in float32), then the
+    export's proof: the baseline cosine model for ArcFace, the vanilla linear one for L-Softmax."""
+    args = ["--arch", "resnet18", "--img-size", "32", "--subset", "256", "--batch-size", "64", "--epochs", "2",
+            "--device", "cuda", "--workers", "2", "--no-progress", "--out", str(tmp_path / "run"),
+            "--loss", loss]  # fmt: skip
+    assert main(args) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert export_and_prove(ExportConfig(str(tmp_path / "run" / "last.pt"), str(tmp_path / "b"), latency_runs=5))

@@ -17,8 +17,8 @@ from .errors import UsageError
 EPILOG = """examples:
   mcc-train --data digits --img-size 32 --epochs 5 --out runs/demo/train   # what `make demo` runs
   mcc-train --data fashion-mnist --arch resnet10t --img-size 28 --epochs 5 --out runs/fm
-  mcc-train --data imagefolder:/data/pets --arch convnext_atto --img-size 128 \
-            --pretrained-file weights/convnext_atto.safetensors --head-lr-scale 10 --freeze-backbone-epochs 1
+  mcc-train --data imagefolder:/data/pets --img-size 128 --pretrained-file w.safetensors --head-lr-scale 10
+  mcc-train --loss arcface --margin 0.3 --margin-scale 16    # MC + ArcFace (the paper's table 6); --head linear too
   mcc-train --config recipe.yaml --lr 5e-4                  # YAML keys are the flag names
   mcc-train --resume runs/demo/train/last.pt --epochs 8     # continue; the schedule is re-planned for 8 epochs
   torchrun --standalone --nproc_per_node=2 -m mcc_train --data fashion-mnist --out runs/ddp

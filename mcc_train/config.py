@@ -19,6 +19,7 @@ RESERVED_MODEL_KWARGS = {"arch", "head", "mc", "pretrained", "num_classes", "in_
 RESERVED_MODEL_KWARGS |= {"loss", "margin", "margin_scale"}
 RESERVED_MODEL_KWARGS |= set(MCSettings.__dataclass_fields__)
 RENAMED = {"checkpoint_path": "pretrained_file"}  # old key (flag, YAML, older checkpoints) -> field
+COMPILE_MODES = ("none", "head", "model")
 SCHEDULERS = ("cosine", "tanh", "poly", "step", "multistep")  # timm's create_scheduler_v2 names that need no metric
 
 
@@ -104,6 +105,11 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda")
     amp: bool = _f(True, "mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)")
     channels_last: bool = _f(True, "channels_last memory format on CUDA")
+    compile: str = _f(
+        "none",
+        "torch.compile: none | head (the MC head's training math and loss, fused by inductor) | model (the whole "
+        "model, and the head as with head)",
+    )
     out: str = _f("runs/mcc", "output directory for checkpoints, metrics.csv, config.yaml, curves.png")
     resume: str | None = _f(None, "continue from this last.pt (its config, overridden by flags given here)")
     overwrite: bool = _f(False, "allow starting a new run in an --out that already holds checkpoints")
@@ -138,6 +144,7 @@ class TrainConfig:
                 self.early_stop_patience is None or self.early_stop_patience >= 1,
                 f"--early-stop-patience must be >= 1, got {self.early_stop_patience}",
             ),
+            (self.compile in COMPILE_MODES, f"--compile is one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
             (self.sched in SCHEDULERS, f"--sched must be one of {', '.join(SCHEDULERS)}, got {self.sched!r}"),
             (
                 self.opt.lower() in _optimizers(),

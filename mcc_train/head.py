@@ -21,12 +21,12 @@ than absolute 0.03.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from .margins import LOSSES, Margin, to_cosine_linear
@@ -107,6 +107,7 @@ class MultiCenterHead(nn.Module):
         if margin is not None and margin.kind.has_margin and sampling == "local":
             raise ValueError(f"--loss {margin.loss} scores sampled sub-center rows: use --sampling shared")
         self.margin = margin
+        self.fused = False  # training math through torch.compile (``fuse_mc``); eval is F.linear either way
         bias = bias and not (margin is not None and LOSSES[margin.loss].cosine)
         self.in_features = in_features
         self.num_classes = num_classes
@@ -135,17 +136,14 @@ class MultiCenterHead(nn.Module):
         mean center ``sqrt(mean_j w_cj^2)``, taken as a constant (no gradient flows through it), so the offset
         of a sub-center is a fixed fraction of its center whatever scale the backbone and the data give ``w``.
         """
-        std = self.sigma_scale * torch.exp(0.5 * self.log_var)  # (C, d)
-        if self.sigma_mode == "relative":
-            std = std * self.weight.detach().square().mean(dim=1, keepdim=True).sqrt()  # (C, d) * (C, 1)
-        return std
+        return mc_std(self.weight, self.log_var, self.sigma_scale, self.sigma_mode == "relative")
 
     def logit_std(self, x: torch.Tensor) -> torch.Tensor:
         """Standard deviation of each sub-center logit around its mean center's logit, (B, d) -> (B, C).
 
         For one sample, ``x . w_c^(k) = x . w_c + sum_j x_j std_cj eps_ckj ~ N(x . w_c, sum_j x_j^2 std_cj^2)``.
         """
-        return F.linear(x.square(), self.std().square()).clamp_min(1e-12).sqrt()  # > 0: a finite gradient at x = 0
+        return sub_logit_std(x, self.std())
 
     def offset_ratio(self) -> torch.Tensor:
         """RMS sub-center offset norm over mean-center norm, per class: ``||std_c|| / ||w_c||``, (C,).
@@ -163,37 +161,36 @@ class MultiCenterHead(nn.Module):
         Args:
             eps: standard normal noise (C, K, d); one vectorised draw on the parameters' device when None.
         """
-        C, d, K = self.num_classes, self.in_features, self.num_subcenters
-        if eps is None:
-            eps = torch.randn(C, K, d, device=self.weight.device, dtype=self.weight.dtype)
-        sub = self.weight.unsqueeze(1) + self.std().unsqueeze(1) * eps  # (C, K, d)
-        return torch.cat([self.weight.unsqueeze(1), sub], dim=1).reshape(C * (K + 1), d)
+        draw = fused(draw_centers) if self.fused and not torch.compiler.is_compiling() else draw_centers
+        if self.fused and eps is None and self.weight.device.type == "cpu":  # as in forward: ATen's CPU draw
+            eps = torch.randn(self.num_classes, self.num_subcenters, self.in_features, dtype=self.weight.dtype)
+        return draw(self.weight, self.log_var, self.num_subcenters, self.sigma_scale, self.sigma_mode == "relative",
+                    eps)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             if self.margin is not None:
                 return self.margin.test_logits(x, self.weight, self.bias)  # (B, d) -> (B, C)
             return F.linear(x, self.weight, self.bias)  # (B, d) -> (B, C)
-        if self.sampling == "local":
-            return self._forward_local(x)
-        K = self.num_subcenters
-        bias = None if self.bias is None else self.bias.repeat_interleave(K + 1)  # (C*(K+1),)
-        if self.margin is not None:
+        if self.margin is not None and self.margin.kind.has_margin:
+            K = self.num_subcenters
+            bias = None if self.bias is None else self.bias.repeat_interleave(K + 1)  # (C*(K+1),)
             row_class = torch.arange(self.num_classes, device=x.device).repeat_interleave(K + 1)  # (C*(K+1),)
             return self.margin.train_logits(x, self.sample_centers(), bias, row_class)  # (B, d) -> (B, C*(K+1))
-        return F.linear(x, self.sample_centers(), bias)  # (B, d) -> (B, C*(K+1))
-
-    def _forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        # Each sub-center logit is drawn from its exact per-sample law N(x . w_c + b_c, logit_std^2).
-        K = self.num_subcenters
-        mean = F.linear(x, self.weight, self.bias)  # (B, C)
-        xi = torch.randn(*mean.shape, K, device=mean.device, dtype=mean.dtype)  # (B, C, K)
-        sub = mean.unsqueeze(-1) + self.logit_std(x).unsqueeze(-1) * xi  # (B, C, K)
-        return torch.cat([mean.unsqueeze(-1), sub], dim=-1).flatten(-2)  # (B, C*(K+1))
+        fn = local_logits if self.sampling == "local" else shared_logits
+        noise = None
+        if self.fused:
+            fn = fn if torch.compiler.is_compiling() else fused(fn)  # under --compile model the model's graph fuses it
+            if x.device.type == "cpu":  # inductor's CPU random numbers are slower than ATen's: draw them eagerly
+                C, K = self.num_classes, self.num_subcenters
+                shape = (len(x), C, K) if self.sampling == "local" else (C, K, self.in_features)
+                noise = torch.randn(shape, dtype=torch.promote_types(x.dtype, self.weight.dtype))
+        return fn(x, self.weight, self.log_var, self.bias, self.num_subcenters, self.sigma_scale,
+                  self.sigma_mode == "relative", noise)  # fmt: skip  # (B, d) -> (B, C*(K+1))
 
     def kl_loss(self) -> torch.Tensor:
         """L_sigma = -0.5 * sum_{c,j} (1 + log_var - exp(log_var)) / C (eq. 10-11, authors' code)."""
-        return -0.5 * torch.sum(1 + self.log_var - self.log_var.exp()) / self.num_classes
+        return kl_loss(self.log_var)
 
     def to_linear(self) -> nn.Linear:
         """The test-time classifier: an ``nn.Linear`` holding copies of the mean centers and bias; with a cosine
@@ -219,6 +216,116 @@ class MultiCenterHead(nn.Module):
                 else ""
             )
         )
+
+
+# The training math as pure functions of tensors: the head calls them eagerly, or compiled (``fuse_mc``), so the
+# eager code is the reference the fused path is tested against.
+
+
+def mc_std(weight: torch.Tensor, log_var: torch.Tensor, sigma_scale: float, relative: bool) -> torch.Tensor:
+    """Every class's standard deviation, (C, d): ``sigma_scale * exp(log_var / 2)``, times ``rms(w_c)`` (no
+    gradient) when relative."""
+    std = sigma_scale * torch.exp(0.5 * log_var)  # (C, d)
+    if relative:
+        std = std * weight.detach().square().mean(dim=1, keepdim=True).sqrt()  # (C, d) * (C, 1)
+    return std
+
+
+def draw_centers(
+    weight: torch.Tensor,
+    log_var: torch.Tensor,
+    num_subcenters: int,
+    sigma_scale: float,
+    relative: bool,
+    eps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean centers and K sub-centers ``w_c + std_c * eps_ck`` per class, interleaved: (C, d) -> (C*(K+1), d).
+
+    Args:
+        eps: standard normal noise (C, K, d); drawn here in one call when None.
+    """
+    C, d = weight.shape
+    K = num_subcenters
+    if eps is None:
+        eps = torch.randn(C, K, d, device=weight.device, dtype=weight.dtype)
+    std = mc_std(weight, log_var, sigma_scale, relative)
+    sub = torch.addcmul(weight.unsqueeze(1), std.unsqueeze(1), eps)  # (C, K, d)
+    return torch.cat([weight.unsqueeze(1), sub], dim=1).reshape(C * (K + 1), d)
+
+
+def sub_logit_std(x: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``sqrt(sum_j x_j^2 std_cj^2)``: (B, d), (C, d) -> (B, C), > 0 so the gradient is finite at x = 0."""
+    return F.linear(x.square(), std.square()).clamp_min(1e-12).sqrt()
+
+
+def shared_logits(x, weight, log_var, bias, num_subcenters: int, sigma_scale: float, relative: bool, eps=None):
+    """The paper's training logits: one draw of sub-centers shared by the batch, (B, d) -> (B, C*(K+1)).
+
+    Args:
+        eps: the noise (C, K, d); drawn here when None.
+    """
+    K = num_subcenters
+    centers = draw_centers(weight, log_var, K, sigma_scale, relative, eps)  # (C*(K+1), d)
+    return F.linear(x, centers, None if bias is None else bias.repeat_interleave(K + 1))
+
+
+def local_logits(x, weight, log_var, bias, num_subcenters: int, sigma_scale: float, relative: bool, xi=None):
+    """Local reparameterization: each sub-center logit drawn from its exact per-sample law
+    ``N(x . w_c + b_c, sum_j x_j^2 std_cj^2)``, (B, d) -> (B, C*(K+1)).
+
+    Args:
+        xi: the noise (B, C, K); drawn here when None.
+    """
+    mean = F.linear(x, weight, bias)  # (B, C)
+    std = sub_logit_std(x, mc_std(weight, log_var, sigma_scale, relative))  # (B, C)
+    if xi is None:
+        xi = torch.randn(*mean.shape, num_subcenters, device=mean.device, dtype=mean.dtype)  # (B, C, K)
+    sub = torch.addcmul(mean.unsqueeze(-1), std.unsqueeze(-1), xi)  # (B, C, K)
+    return torch.cat([mean.unsqueeze(-1), sub], dim=-1).flatten(-2)  # (B, C*(K+1))
+
+
+def kl_loss(log_var: torch.Tensor) -> torch.Tensor:
+    """L_sigma = -0.5 * sum_{c,j} (1 + log_var - exp(log_var)) / C (eq. 10-11, authors' code)."""
+    return -0.5 * torch.sum(1 + log_var - log_var.exp()) / log_var.shape[0]
+
+
+def mc_cross_entropy(logits: torch.Tensor, target: torch.Tensor, num_subcenters: int, center_weight: float):
+    """Cross-entropy of the extended logits (B, C*(K+1)) against the multi-center target of ``target`` (class
+    indices (B,) or soft (B, C)), mean over the batch, without building that (B, C*(K+1)) target.
+
+    ``-sum_j t_j log p_j = lse(z) sum_j t_j - sum_c t_c (cw z_c0 + (1 - cw) / K sum_k z_ck)``: the same number as
+    ``SoftTargetCrossEntropy()(logits, multi_center_target(target, ...))``.
+    """
+    B, K = logits.shape[0], num_subcenters
+    z = logits.reshape(B, -1, K + 1)  # (B, C, K+1)
+    pooled = center_weight * z[..., 0] + (1 - center_weight) / K * z[..., 1:].sum(-1)  # (B, C)
+    lse = torch.logsumexp(logits, dim=-1)  # (B,)
+    if target.ndim == 1:
+        return (lse - pooled.gather(1, target.long().unsqueeze(1)).squeeze(1)).mean()
+    return (lse * target.sum(-1) - (pooled * target).sum(-1)).mean()
+
+
+def mc_loss(logits, target, log_var, num_subcenters: int, center_weight: float, kl_weight: float) -> torch.Tensor:
+    """Eq. 9: the multi-center cross-entropy plus ``kl_weight * L_sigma``."""
+    loss = mc_cross_entropy(logits, target, num_subcenters, center_weight)
+    return loss + kl_weight * kl_loss(log_var) if kl_weight else loss
+
+
+@functools.cache
+def fused(fn):
+    """``fn`` through ``torch.compile`` (inductor: the noise, the sub-centers, the interleave and the loss's
+    reductions become a few generated kernels), compiled once per process and function."""
+    return torch.compile(fn, dynamic=False)
+
+
+def fuse_mc(model: nn.Module, loss_fn) -> None:
+    """``--compile head``: every MultiCenterHead in ``model`` and ``loss_fn`` (a MultiCenterLoss) run their training
+    math compiled. Eval stays ``F.linear``; a margin variant's rows are scored eagerly on compiled centers."""
+    for module in model.modules():
+        if isinstance(module, MultiCenterHead):
+            module.fused = True
+    if isinstance(loss_fn, MultiCenterLoss):
+        loss_fn.fused = True
 
 
 def check_head_args(
@@ -274,13 +381,12 @@ class MultiCenterLoss:
     def __init__(self, head: MultiCenterHead, kl_weight: float = MC_DEFAULTS.kl_weight):
         self.head = head
         self.kl_weight = kl_weight
-        self.cross_entropy = SoftTargetCrossEntropy()
+        self.fused = False  # through torch.compile (``fuse_mc``)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss for extended logits (B, C*(K+1)) and a target, class indices (B,) or soft (B, C)."""
         head = self.head
-        mc_target = multi_center_target(target, head.num_classes, head.num_subcenters, head.center_weight)
-        loss = self.cross_entropy(logits, mc_target)
-        if self.kl_weight:
-            loss = loss + self.kl_weight * head.kl_loss()
-        return loss
+        if target.shape[-1] != head.num_classes and target.ndim == 2:
+            raise ValueError(f"target has {target.shape[-1]} classes, expected {head.num_classes}")
+        loss = fused(mc_loss) if self.fused else mc_loss
+        return loss(logits, target, head.log_var, head.num_subcenters, head.center_weight, self.kl_weight)

@@ -32,7 +32,7 @@ from .checkpoint import load_checkpoint, make_state, save_checkpoint
 from .config import TrainConfig
 from .data import ArrayDataset, build_data_config, build_transforms, cache_in_memory, load_data, set_transforms
 from .errors import UsageError
-from .head import MultiCenterHead, MultiCenterLoss
+from .head import MultiCenterHead, MultiCenterLoss, fuse_mc
 from .margins import set_margin_target
 from .model import classifier_path, create_model, get_mc_head
 from .runlog import RunLog
@@ -102,12 +102,59 @@ class Step:
     updates_per_epoch: int
 
 
+class LossWatch:
+    """Reads each step's loss on the host one step late, so the host never waits for the step it has just queued.
+
+    ``push(loss)`` queues a copy of this step's loss into a pinned host slot (non-blocking, an event behind it) and
+    returns the previous step's value, waiting only for that older step's event: on CUDA the device always has
+    the step just queued to run while the host checks and queues the next. A non-finite loss raises UsageError one
+    step after it happens (``flush`` checks the last).
+    """
+
+    def __init__(self, device: torch.device, epoch: int):
+        self.cuda = device.type == "cuda"
+        self.slots = torch.zeros(2, dtype=torch.float32, pin_memory=self.cuda)  # double-buffered host copies
+        self.pending: tuple[int, object] | None = None  # (step index, its copy's CUDA event)
+        self.epoch = epoch
+        self.last: float | None = None
+
+    def push(self, loss: torch.Tensor, step: int) -> float | None:
+        """Queue step ``step``'s loss; return the previous step's (None on the first), checked."""
+        slot = self.slots[step % 2 : step % 2 + 1]
+        slot.copy_(loss.detach().float().reshape(1), non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        previous, self.pending = self.pending, (step, event)
+        return self._read(previous) if previous is not None else None
+
+    def flush(self) -> float | None:
+        """Wait for and check the last queued loss."""
+        previous, self.pending = self.pending, None
+        return self._read(previous) if previous is not None else self.last
+
+    def _read(self, pending: tuple[int, object]) -> float:
+        step, event = pending
+        if event is not None:
+            event.synchronize()  # this older step only; later work stays queued on the device
+        value = float(self.slots.numpy()[step % 2])
+        if not math.isfinite(value):
+            raise UsageError(f"training diverged at epoch {self.epoch + 1}, step {step + 1} (loss {value}); lower --lr")
+        self.last = value
+        return value
+
+
 def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: int, num_classes: int) -> float:
     """One pass over the training data, ``cfg.grad_accum_steps`` micro-batches per optimizer step; returns the mean
-    training loss over all ranks."""
+    training loss over all ranks.
+
+    NOTE: no host sync on the step path: the loss reaches the host through ``LossWatch``, one step late.
+    """
     step.ddp_model.train()
     steps, accum = len(loader), cfg.grad_accum_steps
     total, count = torch.zeros((), device=rt.device), 0
+    watch = LossWatch(rt.device, epoch)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rt.is_main and cfg.progress else True,
                leave=False)  # fmt: skip
     step.optimizer.zero_grad(set_to_none=True)
@@ -131,9 +178,6 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
                 logits = step.ddp_model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
             loss = step.loss_fn(logits.float(), soft)
             step.scaler.scale(loss / cycle_len).backward()
-        loss_value = loss.item()  # the step's one host sync: the divergence check and the progress bar share it
-        if not math.isfinite(loss_value):
-            raise UsageError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {loss_value}); lower --lr")
         if update:
             if cfg.clip_grad is not None:
                 step.scaler.unscale_(step.optimizer)
@@ -147,7 +191,10 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
                 step.ema.update(step.model, step=num_updates)
         total += loss.detach() * len(images)
         count += len(images)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
+        shown = watch.push(loss, i)  # the previous step's loss: this step stays queued on the device
+        if shown is not None:
+            bar.set_postfix(loss=f"{shown:.4f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+    watch.flush()
     sums = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=rt.device)]), rt)
     return (sums[0] / sums[1]).item()
 
@@ -342,11 +389,13 @@ def set_backbone_trainable(model: torch.nn.Module, classifier: str, trainable: b
             p.requires_grad_(trainable)
 
 
-def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
-    """DDP over the parameters that take gradients now (rebuilt when --freeze-backbone-epochs ends)."""
-    if not rt.distributed:
-        return model
-    return DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+def wrap_ddp(model: torch.nn.Module, rt: Runtime, compile_model: bool = False) -> torch.nn.Module:
+    """DDP over the parameters that take gradients now (rebuilt when --freeze-backbone-epochs ends); with
+    ``--compile model``, that through ``torch.compile``. ``model`` itself stays the plain module: checkpoints,
+    EMA and export see the usual state dict."""
+    if rt.distributed:
+        model = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -392,7 +441,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             if trainable is not (epoch >= cfg.freeze_backbone_epochs):  # the first epoch, and when a freeze ends
                 trainable = epoch >= cfg.freeze_backbone_epochs
                 set_backbone_trainable(model, classifier, trainable)
-                step.ddp_model = wrap_ddp(model, rt)
+                step.ddp_model = wrap_ddp(model, rt, compile_model=cfg.compile == "model")
             step.scheduler.step(epoch)
             train_loss = train_one_epoch(step, train_loader, cfg, rt, epoch, splits.num_classes)
             metrics = epoch_metrics(step, val_loader, rt, cfg, epoch, train_loss) | {
@@ -458,13 +507,16 @@ def build_step(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, num_classe
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                       num_classes=num_classes)  # fmt: skip
+    loss_fn = MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy()
+    if cfg.compile != "none" and head is not None:
+        fuse_mc(model, loss_fn)  # the MC head's training math and loss compiled (also under --compile model)
     return Step(
         model=model,
         ddp_model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, updates_per_epoch),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16),
-        loss_fn=MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy(),
+        loss_fn=loss_fn,
         mixup=mixup,
         ema=ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None,
         updates_per_epoch=updates_per_epoch,

@@ -64,3 +64,48 @@ def test_margin_heads_under_amp_export_with_their_proof(tmp_path, loss):
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert export_and_prove(ExportConfig(str(tmp_path / "run" / "last.pt"), str(tmp_path / "b"), latency_runs=5))
+
+
+@pytest.mark.parametrize(
+    "sampling, sigma_mode, loss", [("shared", "absolute", "softmax"), ("local", "relative", "softmax")]
+)
+def test_fused_head_equals_the_eager_head_on_cuda(sampling, sigma_mode, loss):
+    """The compiled head (inductor's Triton kernels) against the eager one, with the same noise."""
+    from .test_fused import _check_fused_equals_eager
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_fused_equals_eager(sampling, sigma_mode, loss, device="cuda")
+    torch._dynamo.reset()
+
+
+def test_the_cuda_step_path_never_syncs(tmp_path):
+    """torch's sync debug mode inside train_one_epoch: 4 steps or 12, the same syncs (the epoch's end only)."""
+    import warnings
+
+    from mcc_train import train as train_module
+
+    one_epoch = train_module.train_one_epoch
+
+    def counted(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = one_epoch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        return result
+
+    counts = []
+    train_module.train_one_epoch = counted
+    try:
+        for subset in (128, 384):
+            args = ["--arch", "resnet18", "--img-size", "32", "--subset", str(subset), "--batch-size", "32",
+                    "--epochs", "1", "--device", "cuda", "--workers", "2", "--no-progress", "--compile", "head",
+                    "--out", str(tmp_path / str(subset))]  # fmt: skip
+            assert main(args) == 0
+    finally:
+        train_module.train_one_epoch = one_epoch
+    assert counts[0] == counts[1] <= 2, counts

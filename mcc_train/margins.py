@@ -132,6 +132,9 @@ class Margin:
         gamma = 2 * LSOFTMAX_BASE / max(self.total_steps, 1)
         return LSOFTMAX_BASE / (1 + gamma * self.step)
 
+    # NOTE: outside any compiled graph (--compile model): it reads the target and step the loop sets on this object
+    # each step, which a graph would take as constants and recompile for at every step
+    @torch.compiler.disable
     def train_logits(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_class: torch.Tensor):
         """Training logits over R rows with the margin on the target class's rows: (B, d), (R, d) -> (B, R).
 

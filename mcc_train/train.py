@@ -510,6 +510,9 @@ def build_step(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, num_classe
     loss_fn = MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy()
     if cfg.compile != "none" and head is not None:
         fuse_mc(model, loss_fn)  # the MC head's training math and loss compiled (also under --compile model)
+    elif cfg.compile == "head":
+        _logger.info("--compile head: a linear head has no MC math to fuse; it trains eagerly (--compile model "
+                     "compiles the whole model)")  # fmt: skip
     return Step(
         model=model,
         ddp_model=model,

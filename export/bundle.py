@@ -19,6 +19,7 @@ from mcc_serve import bundle as schema
 from mcc_serve.bundle import (
     CONFIG_JSON,
     FP16_FILE,
+    INT8_FILE,
     MODEL_JSON,
     ONNX_FILE,
     PARITY_JSON,
@@ -30,6 +31,7 @@ from mcc_train import UsageError
 __all__ = [  # the file names come from the schema module, so writer and readers share them
     "CONFIG_JSON",
     "FP16_FILE",
+    "INT8_FILE",
     "MODEL_JSON",
     "ONNX_FILE",
     "PARITY_JSON",

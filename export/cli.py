@@ -15,6 +15,7 @@ from mcc_train import UsageError
 EPILOG = """examples:
   mcc-export runs/demo/best.pt --out bundles/demo             # collapse, write ONNX, prove it is vanilla
   mcc-export runs/demo/best.pt --out bundles/demo --fp16 --overwrite
+  mcc-export runs/demo/best.pt --out bundles/demo-int8 --int8  # + model_int8.onnx, its top-1 in parity.json
   mcc-export runs/demo/best.pt --out bundles/demo-ema --ema    # the EMA weights (mcc-train --model-ema)
   mcc-export --verify bundles/demo                            # re-check a bundle (non-zero exit on failure)
 """
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: as trained)")
     p.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx and report its error")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model_int8.onnx (onnxruntime static QDQ quantization, calibrated on training "
+                        "images) and record its top-1 beside fp32's")  # fmt: skip
+    p.add_argument("--calibration-images", type=int, default=256, help="training images --int8 calibrates on")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (mcc-train --model-ema)")
     p.add_argument("--verify", metavar="BUNDLE_DIR", help="verify an existing bundle instead of exporting")
@@ -51,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.latency_runs < 1:
             raise UsageError(f"--latency-runs must be >= 1, got {args.latency_runs}")
         if args.verify:
-            if args.checkpoint or args.out or args.ema:
+            if args.checkpoint or args.out or args.ema or args.int8:
                 raise UsageError(
-                    "--verify BUNDLE_DIR takes no CHECKPOINT, --out or --ema (model.json says which weights it holds)"
+                    "--verify BUNDLE_DIR takes no CHECKPOINT, --out, --ema or --int8 (model.json says what it holds)"
                 )
             report = verify_bundle(args.verify, args.source, latency_runs=args.latency_runs)
             print(report.table())
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             opset=args.opset,
             fp16=args.fp16,
+            int8=args.int8,
+            calibration_images=args.calibration_images,
             overwrite=args.overwrite,
             image_size=tuple(args.image_size) if args.image_size else None,
             latency_runs=args.latency_runs,

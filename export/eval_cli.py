@@ -14,6 +14,7 @@ EPILOG = """examples:
   mcc-eval bundles/demo --data digits                         # the served model on the data it was trained on
   mcc-eval runs/demo/best.pt --data digits                    # the checkpoint, as training evaluated it
   mcc-eval bundles/pets --data imagefolder:/data/pets --out reports/pets   # + metrics.json, confusion.png, ...
+  mcc-eval bundles/demo-int8 --data digits --precision int8   # the int8 model (mcc-export --int8)
 """
 
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable image files of the data out")
     p.add_argument("--ema", action="store_true", help="with a checkpoint: its EMA weights (mcc-train --model-ema)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="with a bundle: run model.onnx (fp32), model_fp16.onnx or model_int8.onnx")  # fmt: skip
     return p
 
 
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             skip_bad_images=args.skip_bad_images,
             weights="ema" if args.ema else "model",
+            precision=args.precision,
         ).validate()
         result = evaluate(cfg)
         metrics = summarize(result, cfg)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mcc_serve.bundle import BundleError
+from mcc_serve.bundle import PRECISIONS, BundleError
 from mcc_serve.engine import softmax
 from mcc_serve.offline import (
     MAX_PIXELS,
@@ -60,6 +60,7 @@ class EvalConfig:
     skip_bad_images: bool = False
     progress: bool = True
     weights: str = "model"  # of a checkpoint: "model", or "ema" (its EMA weights)
+    precision: str = "fp32"  # of a bundle: which of its ONNX files (fp32, fp16, int8) runs
 
     def validate(self) -> EvalConfig:
         checks = [
@@ -70,6 +71,11 @@ class EvalConfig:
             (
                 self.weights == "model" or not Path(self.model).is_dir(),
                 "--ema applies to a checkpoint; a bundle holds the weights it was exported with",
+            ),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (
+                self.precision == "fp32" or Path(self.model).is_dir(),
+                "--precision applies to a bundle (its model_fp16.onnx or model_int8.onnx); a checkpoint runs in fp32",
             ),
         ]
         for ok, message in checks:
@@ -134,7 +140,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     try:
         bundle = is_bundle(cfg.model)
         if bundle:
-            model = load_bundle(cfg.model, cfg.device)
+            model = load_bundle(cfg.model, cfg.device, precision=cfg.precision)
         else:
             model = load_checkpoint_model(cfg.model, cfg.device, weights=cfg.weights)
     except (BundleError, InputError) as e:

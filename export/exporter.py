@@ -25,6 +25,7 @@ from mcc_train.model import timm_size_kwargs
 from .bundle import (
     CONFIG_JSON,
     FP16_FILE,
+    INT8_FILE,
     MODEL_JSON,
     ONNX_FILE,
     PARITY_JSON,
@@ -48,6 +49,7 @@ from .collapse import (
 )
 from .model_card import render_model_card
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
+from .quantize import CALIBRATION_IMAGES, calibrate_and_write, top1_report
 from .verify import Report, verify_bundle
 
 _logger = logging.getLogger("export")
@@ -64,12 +66,16 @@ class ExportConfig:
     num_real: int = 32  # real images used by the output check
     latency_runs: int = 50
     weights: str = "model"  # "model", or "ema": the checkpoint's EMA weights (mcc-train --model-ema)
+    int8: bool = False  # also model_int8.onnx, calibrated on the training images
+    calibration_images: int = CALIBRATION_IMAGES
 
     def validate(self) -> ExportConfig:
         if self.weights not in schema.WEIGHTS:
             raise UsageError(f"weights must be one of {', '.join(schema.WEIGHTS)}, got {self.weights!r}")
         if not 17 <= self.opset <= 23:
             raise UsageError(f"--opset must be between 17 and 23, got {self.opset}")
+        if self.calibration_images < 1:
+            raise UsageError(f"--calibration-images must be >= 1, got {self.calibration_images}")
         if self.image_size is not None and min(self.image_size) < 8:
             raise UsageError(f"--image-size must be at least 8 8, got {' '.join(map(str, self.image_size))}")
         return self
@@ -118,6 +124,11 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         if cfg.fp16:
             write_fp16(tmp / ONNX_FILE, tmp / FP16_FILE)
             files[FP16_FILE] = file_record(tmp / FP16_FILE)
+        data = ckpt["config"].get("data")
+        if cfg.int8:
+            calibrated = calibrate_and_write({"preprocess": preprocess, "in_chans": loaded.in_chans}, data,
+                                             tmp / ONNX_FILE, tmp / INT8_FILE, cfg.calibration_images)  # fmt: skip
+            files[INT8_FILE] = file_record(tmp / INT8_FILE)
         try:  # written through the schema the server reads it with
             meta = schema.validate_model_json(model_json(loaded, input_size, preprocess, files, cfg.opset))
         except schema.BundleError as e:
@@ -125,11 +136,14 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         write_json(tmp / MODEL_JSON, meta)
         _logger.info("verifying the bundle (weights, timm config, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
-        parity = {
-            **report.to_dict(),
-            "model_json_sha256": sha256_file(tmp / MODEL_JSON),
-            "seconds": round(time.time() - started, 1),
-        }
+        parity = {**report.to_dict(), "model_json_sha256": sha256_file(tmp / MODEL_JSON)}
+        if cfg.int8:
+            _logger.info("scoring the fp32 and int8 models on the validation images of %s", data)
+            int8 = top1_report(tmp / ONNX_FILE, tmp / INT8_FILE, meta, data)
+            parity["int8"] = {"calibration_images": calibrated, **int8, "proof": report.int8}
+            _logger.info("top-1 fp32 %.2f%%, int8 %.2f%% on %d val images", int8["top1_fp32"], int8["top1_int8"],
+                         int8["val_images"])  # fmt: skip
+        parity["seconds"] = round(time.time() - started, 1)
         write_json(tmp / PARITY_JSON, parity)
         card = render_model_card(meta, report, Path(cfg.out).name, ckpt["config"].get("data"))
         (tmp / README_FILE).write_text(card)

@@ -30,6 +30,7 @@ from mcc_train.data import load_data
 from .bundle import (
     CONFIG_JSON,
     FP16_FILE,
+    INT8_FILE,
     MODEL_JSON,
     ONNX_FILE,
     PARITY_JSON,
@@ -47,6 +48,7 @@ from .collapse import (
     vanilla_model,
 )
 from .onnx_graph import INPUT_NAME, count_flops, export_onnx, graph_signature
+from .quantize import INT8_CHECK_IMAGES, INT8_MIN_AGREEMENT, preprocessed
 
 _logger = logging.getLogger("export")
 MAX_ABS_TOL = 1e-5
@@ -65,6 +67,7 @@ class Report:
     outputs: dict = field(default_factory=dict)  # per input kind: max_abs, top1_agreement, inputs
     latency: dict = field(default_factory=dict)
     fp16: dict = field(default_factory=dict)
+    int8: dict = field(default_factory=dict)  # top-1 agreement with fp32 on real images (the proof's check)
 
     @property
     def passed(self) -> bool:
@@ -82,6 +85,7 @@ class Report:
             "outputs": self.outputs,
             "latency": self.latency,
             "fp16": self.fp16,
+            "int8": self.int8,
         }
 
     def table(self) -> str:
@@ -154,6 +158,8 @@ def verify_bundle(
         check_latency(report, bundle / ONNX_FILE, reference_path, input_size, latency_runs, baseline_name(meta))
     if (bundle / FP16_FILE).is_file() and images is not None:
         check_fp16(report, bundle, images)
+    if INT8_FILE in meta["files"]:
+        check_int8(report, bundle, meta, loaded)
     return report
 
 
@@ -471,6 +477,42 @@ def check_fp16(report: Report, bundle: Path, images: torch.Tensor) -> None:
         None,
         f"max-abs {report.fp16['max_abs']:.2e}, top-1 agreement "
         f"{100 * report.fp16['top1_agreement']:.1f}% on {report.fp16['images']} real images",
+    )
+
+
+def check_int8(report: Report, bundle: Path, meta: dict, loaded: LoadedCheckpoint | None) -> None:
+    """model_int8.onnx takes and gives what model.json says, and names the fp32 model's class on at least
+    ``INT8_MIN_AGREEMENT`` of up to ``INT8_CHECK_IMAGES`` validation images (a quantized model is compared by its
+    answers, not to 1e-5)."""
+    from mcc_serve.engine import BundleError
+    from mcc_serve.engine import check_graph as check_served_graph
+
+    int8 = session(bundle / INT8_FILE)
+    try:
+        check_served_graph(int8, meta, INT8_FILE)
+        report.add("int8 model: inputs and outputs", True, "as model.json describes")
+    except BundleError as e:
+        report.add("int8 model: inputs and outputs", False, str(e))
+        return
+    spec = loaded.ckpt["config"].get("data") if loaded is not None else None
+    try:
+        images, _ = preprocessed(meta, spec, "val", INT8_CHECK_IMAGES) if spec else (None, None)
+    except UsageError as e:
+        images, spec = None, f"{spec} unreadable here ({e})"
+    if images is None:
+        report.add("int8 model: top-1 agreement", None, f"skipped: no validation images ({spec or 'no checkpoint'})")
+        return
+    x = images.numpy()
+    a = session(bundle / ONNX_FILE).run(None, {INPUT_NAME: x})[0]
+    b = int8.run(None, {INPUT_NAME: x})[0]
+    report.int8 = {"top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "images": len(x),
+                   "max_abs_logit_error": float(np.abs(a - b).max())}  # fmt: skip
+    agreement = report.int8["top1_agreement"]
+    report.add(
+        "int8 model: top-1 agreement",
+        agreement >= INT8_MIN_AGREEMENT,
+        f"{100 * agreement:.1f}% of {len(x)} val images get fp32's class (>= {100 * INT8_MIN_AGREEMENT:.0f}%); "
+        f"logits within {report.int8['max_abs_logit_error']:.3f}",
     )
 
 

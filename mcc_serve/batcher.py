@@ -1,7 +1,11 @@
 """Dynamic batching: concurrent requests are queued and run together on the model.
 
-A batch closes when it holds ``max_batch_size`` images or ``max_delay`` has passed since its first request
-arrived; the model runs in a worker thread, so the event loop keeps accepting requests meanwhile.
+The model runs one batch at a time in a worker thread, so the event loop keeps accepting requests meanwhile.
+When the model is idle a request runs at once; requests that arrive while it is busy queue and run together as
+soon as it is free, up to ``max_batch_size`` images a batch: under load the batches fill by themselves, and a
+lone request never waits for company that is not coming. ``max_delay`` (Triton's ``max_queue_delay``; 0 by
+default) makes a batch that is not full wait up to that long after its first request for more, even with the
+model idle: a latency cost some accelerators repay with fuller batches.
 The collector sleeps on one future that ``submit`` resolves (first request, or a full batch) and each
 request's deadline is one timer: no task per request, which is most of the per-request cost of
 ``asyncio.wait_for`` and a queue.
@@ -14,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,7 +35,7 @@ class TooManyImagesError(Exception):
 class _Item:
     x: np.ndarray  # (n, C, H, W)
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float  # the batcher's clock
 
 
 class DynamicBatcher:
@@ -39,12 +43,14 @@ class DynamicBatcher:
         self,
         run: Callable[[np.ndarray], np.ndarray],
         max_batch_size: int = 32,
-        max_delay_s: float = 0.005,
+        max_delay_s: float = 0.0,
         max_queue: int = 256,
         on_batch: Callable[[int, list[float]], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.run, self.max_batch_size, self.max_delay_s, self.max_queue = run, max_batch_size, max_delay_s, max_queue
         self.on_batch = on_batch  # (batch size, queue waits in seconds) after each run, for metrics
+        self.clock = clock  # enqueue times, the delay and the queue waits are on this clock (seconds)
         self.pending: deque[_Item] = deque()  # chunks of at most max_batch_size images, oldest first
         self.queued_images = 0  # images in ``pending``
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcc-model")
@@ -78,7 +84,8 @@ class DynamicBatcher:
             raise QueueFullError(f"{self.queued_images} images queued (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         step = self.max_batch_size
-        items = [_Item(x[i : i + step], loop.create_future()) for i in range(0, len(x), step)]
+        now = self.clock()
+        items = [_Item(x[i : i + step], loop.create_future(), now) for i in range(0, len(x), step)]
         self.pending.extend(items)
         self.queued_images += len(x)
         if (
@@ -114,12 +121,14 @@ class DynamicBatcher:
                 timer.cancel()
 
     async def _next_batch(self) -> list[_Item]:
-        """The oldest requests, up to max_batch_size images, at most max_delay after the oldest arrived."""
+        """The oldest requests, up to max_batch_size images: at once (the model is free when this runs), or with
+        max_delay > 0 once the batch is full or max_delay has passed since the oldest arrived."""
         while not self.pending:
             await self._sleep(None)
-        wait = self.pending[0].enqueued + self.max_delay_s - time.perf_counter()
-        if self.queued_images < self.max_batch_size and wait > 0:
-            await self._sleep(wait)
+        if self.max_delay_s > 0 and self.queued_images < self.max_batch_size:
+            wait = self.pending[0].enqueued + self.max_delay_s - self.clock()
+            if wait > 0:
+                await self._sleep(wait)
         batch, size = [], 0
         while self.pending and size + len(self.pending[0].x) <= self.max_batch_size:
             item = self.pending.popleft()
@@ -135,7 +144,7 @@ class DynamicBatcher:
             live = [item for item in batch if not item.future.done()]
             if not live:
                 continue
-            started = time.perf_counter()
+            started = self.clock()
             x = live[0].x if len(live) == 1 else np.concatenate([item.x for item in live])  # (N, C, H, W)
             self._running = True
             try:

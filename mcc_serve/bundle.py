@@ -11,6 +11,8 @@ A bundle directory holds (``mcc-export`` writes them in this order, all in one s
   names), so ``timm.create_model("local-dir:BUNDLE", pretrained=True)`` rebuilds the exported model; absent from
   bundles written before it was added.
 - ``model.onnx`` (and with ``--fp16`` ``model_fp16.onnx``): the collapsed model as ONNX.
+- ``model_int8.onnx`` (``--int8``): that model statically quantized by onnxruntime (QDQ, per-channel int8
+  weights, uint8 activations calibrated on training images); its top-1 beside fp32's is in ``parity.json``.
 - ``model.json``: this schema; ``files`` records the sha256 and size of every file above.
 - ``parity.json``: the proof (every check and its result) and the sha256 of model.json.
 - ``README.md``: a model card (Hugging Face front matter) quoting the proof. NOTE: not in ``files``: it is written
@@ -49,10 +51,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FORMAT, VERSION = "mcc-bundle", 1
-MODEL_JSON, ONNX_FILE, FP16_FILE, WEIGHTS_FILE, CONFIG_JSON, PARITY_JSON, README_FILE = (
+PRECISIONS = ("fp32", "fp16", "int8")  # mcc-serve --precision: which of the bundle's ONNX files it runs
+MODEL_JSON, ONNX_FILE, FP16_FILE, INT8_FILE, WEIGHTS_FILE, CONFIG_JSON, PARITY_JSON, README_FILE = (
     "model.json",
     "model.onnx",
     "model_fp16.onnx",
+    "model_int8.onnx",
     "model.safetensors",
     "config.json",
     "parity.json",
@@ -173,6 +177,11 @@ class ModelJson(BaseModel):
         if ONNX_FILE not in self.files:
             raise ValueError(f"files lacks {ONNX_FILE}")
         return self
+
+
+def onnx_file(precision: str) -> str:
+    """The bundle's ONNX file for a precision."""
+    return {"fp32": ONNX_FILE, "fp16": FP16_FILE, "int8": INT8_FILE}[precision]
 
 
 def read_model_json(bundle: str | Path) -> dict:

@@ -20,6 +20,7 @@ and the bearer token is MCC_API_KEY only (never a flag, so it stays out of proce
 examples:
   mcc-serve bundles/demo
   mcc-serve bundles/demo --host 0.0.0.0 --port 8080 --workers 2 --max-batch-size 64 --max-delay-ms 2
+  mcc-serve bundles/demo-int8 --precision int8                # the bundle's model_int8.onnx (mcc-export --int8)
   MCC_API_KEY=secret mcc-serve bundles/demo
 """
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         # the whole start-up check here, before any worker starts: a bundle that fails it exits 2, with N workers too.
         # On the CPU: the supervisor process must not hold a CUDA context for the life of the server.
         providers_for(settings.device)
-        Engine.load(settings.bundle, "cpu", 1, 1).warmup(1)
+        Engine.load(settings.bundle, "cpu", 1, 1, settings.precision).warmup(1)
     except BundleError as e:
         print(f"mcc-serve: error: {e}", file=sys.stderr)
         return 2

@@ -10,23 +10,25 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import BundleError, read_model_json
+from .bundle import BundleError, onnx_file, read_model_json
 
 __all__ = ["BundleError", "Engine", "providers_for", "read_bundle", "softmax"]
 
 _logger = logging.getLogger("mcc_serve")
 
 
-def read_bundle(path: str | Path) -> dict:
-    """model.json of a bundle, validated against the bundle schema, after checking that model.onnx is the file it
-    describes."""
+def read_bundle(path: str | Path, precision: str = "fp32") -> dict:
+    """model.json of a bundle, validated against the bundle schema, after checking that the ONNX file of
+    ``precision`` is the file it describes."""
     path = Path(path)
     meta = read_model_json(path)
-    onnx_path = path / "model.onnx"
-    if not onnx_path.is_file():
-        raise BundleError(f"{path}: no model.onnx")
+    name = onnx_file(precision)
+    onnx_path = path / name
+    if name not in meta["files"] or not onnx_path.is_file():
+        flag = {"fp32": "", "fp16": " --fp16", "int8": " --int8"}[precision]
+        raise BundleError(f"{path}: no {name} (--precision {precision}); export it with mcc-export{flag}")
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    if digest != meta["files"]["model.onnx"]["sha256"]:
+    if digest != meta["files"][name]["sha256"]:
         raise BundleError(f"{onnx_path}: sha256 differs from model.json; re-export, or check with mcc-export --verify")
     return meta
 
@@ -68,10 +70,19 @@ class Engine:
     meta: dict
     input_name: str
     output_name: str
+    precision: str = "fp32"
 
     @classmethod
-    def load(cls, bundle: str | Path, device: str = "auto", intra_op_threads: int = 0, inter_op_threads: int = 0):
-        meta = read_bundle(bundle)
+    def load(
+        cls,
+        bundle: str | Path,
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+        precision: str = "fp32",
+    ):
+        meta = read_bundle(bundle, precision)
+        name = onnx_file(precision)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
@@ -81,14 +92,12 @@ class Engine:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
-            session = ort.InferenceSession(str(Path(bundle) / "model.onnx"), opts, providers=providers_for(device))
+            session = ort.InferenceSession(str(Path(bundle) / name), opts, providers=providers_for(device))
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise BundleError(
-                f"{bundle}/model.onnx: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})"
-            ) from None
-        check_graph(session, meta, f"{bundle}/model.onnx")
-        _logger.info("loaded %s (%s) on %s", meta.get("arch"), bundle, session.get_providers()[0])
-        return cls(session, meta, meta["input"]["name"], meta["output"]["name"])
+            raise BundleError(f"{bundle}/{name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        check_graph(session, meta, f"{bundle}/{name}")
+        _logger.info("loaded %s (%s, %s) on %s", meta.get("arch"), bundle, name, session.get_providers()[0])
+        return cls(session, meta, meta["input"]["name"], meta["output"]["name"], precision)
 
     @property
     def provider(self) -> str:

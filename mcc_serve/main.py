@@ -37,7 +37,8 @@ _logger = logging.getLogger("mcc_serve")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: ServeSettings = app.state.settings
-    engine = Engine.load(settings.bundle, settings.device, settings.intra_op_threads, settings.inter_op_threads)
+    engine = Engine.load(settings.bundle, settings.device, settings.intra_op_threads, settings.inter_op_threads,
+                         settings.precision)  # fmt: skip
     metrics = Metrics(settings.max_batch_size)
     batcher = DynamicBatcher(
         engine.run, settings.max_batch_size, settings.max_delay_ms / 1000, settings.max_queue, metrics.observe_batch

@@ -71,10 +71,12 @@ def is_bundle(path: str | Path) -> bool:
     return path.is_dir()
 
 
-def load_bundle(path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS) -> OfflineModel:
-    """A bundle's ONNX model in one onnxruntime session (BundleError when it cannot be used)."""
+def load_bundle(
+    path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS, precision: str = "fp32"
+) -> OfflineModel:
+    """A bundle's ONNX model of ``precision`` in one onnxruntime session (BundleError when it cannot be used)."""
     providers_for(device)  # --device cuda without onnxruntime's CUDA provider: refused in its own words
-    engine = Engine.load(path, device)
+    engine = Engine.load(path, device, precision=precision)
     meta = engine.meta
     pre = Preprocessor.from_model_json(meta, max_pixels)
     return OfflineModel(str(path), list(meta["class_names"]), pre, engine.run, dict(meta["preprocess"]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .bundle import PRECISIONS
+
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MCC_", extra="ignore", protected_namespaces=())
@@ -15,7 +17,9 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session")
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model run")
-    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="wait after a batch's first request")
+    max_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="wait for more requests after a batch's first even when the model is idle"
+    )
     max_queue: int = Field(256, ge=1, description="queued images before 429 (a request larger than this: 413)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body before 413")
@@ -31,6 +35,10 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
     device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")
+    precision: str = Field(
+        "fp32",
+        description="fp32 (model.onnx) | fp16 (model_fp16.onnx, mcc-export --fp16) | int8 (model_int8.onnx, --int8)",
+    )
     drain_s: float = Field(
         5.0, ge=0, le=600, description="after SIGTERM: readiness 503 at once, keep serving this long, then stop"
     )
@@ -43,6 +51,13 @@ class ServeSettings(BaseSettings):
     def _device(cls, v: str) -> str:
         if v not in ("auto", "cpu", "cuda"):
             raise ValueError("must be auto, cpu or cuda")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
         return v
 
     @field_validator("log_level")

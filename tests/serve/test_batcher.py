@@ -128,3 +128,86 @@ def test_a_cancelled_request_is_not_run_and_stop_finishes_what_is_queued():
 
     first, third = run(main())
     assert first[0, 0] == 4 and third[0, 0] == 12 and model.batches == [1, 1]
+
+
+class FrozenClock:
+    """The batcher's clock, standing still: any wait the batcher arms is computed from it, not from wall time."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recording_sleeps(batcher: DynamicBatcher) -> list:
+    """The timeouts of every wait the collector arms (None: waiting for a first request, no timer)."""
+    armed, sleep = [], batcher._sleep
+
+    async def recorded(timeout):
+        armed.append(timeout)
+        await sleep(timeout)
+
+    batcher._sleep = recorded
+    return armed
+
+
+def test_an_idle_model_runs_a_lone_request_at_once_and_a_delay_is_armed_only_when_asked_for():
+    async def main():
+        waits = []
+        idle = DynamicBatcher(Model(), max_batch_size=32, clock=FrozenClock(), on_batch=lambda n, w: waits.extend(w))
+        armed = recording_sleeps(idle)
+        idle.start()
+        for i in range(3):  # one client, back to back: the model is idle at every arrival
+            assert (await idle.submit(images(1, i)))[0, 1] == 1
+        await idle.stop()
+        delayed = DynamicBatcher(Model(), max_batch_size=32, max_delay_s=0.005, clock=FrozenClock())
+        armed_delayed = recording_sleeps(delayed)
+        delayed.start()
+        await delayed.submit(images(1))
+        await delayed.stop()
+        return waits, armed, armed_delayed
+
+    waits, armed, armed_delayed = run(main())
+    assert armed and all(t is None for t in armed)  # it only ever waited for requests, never on a timer
+    assert waits == [0.0, 0.0, 0.0]  # queue wait on the batcher's own clock: none
+    timed = [t for t in armed_delayed if t is not None]
+    assert timed == [pytest.approx(0.005, abs=1e-9)]  # max_delay > 0: the whole delay, from the same frozen clock
+
+
+def test_without_a_delay_requests_that_arrive_while_the_model_is_busy_run_together_in_order():
+    model = Model()
+
+    async def main():
+        b = await started(DynamicBatcher(model, max_batch_size=8))
+        model.release.clear()  # the first request runs at once and holds the model
+        first = asyncio.ensure_future(b.submit(images(1, 1000)))
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.ensure_future(b.submit(images(1, i))) for i in range(40)]
+        await asyncio.sleep(0.01)
+        model.release.set()
+        out = await asyncio.gather(first, *tasks)
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert [o[0, 0] for o in out] == [4 * 1000] + [4 * i for i in range(40)]
+    assert model.batches == [1, 8, 8, 8, 8, 8]
+
+
+def test_a_deadline_expires_a_queued_request_without_running_it():
+    model = Model()
+
+    async def main():
+        b = await started(DynamicBatcher(model, max_batch_size=8))
+        model.release.clear()
+        busy = asyncio.ensure_future(b.submit(images(1, 1)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await b.submit(images(2, 5), timeout=0.05)  # queued behind the busy model past its deadline
+        model.release.set()
+        await busy
+        await b.stop()
+
+    run(main())
+    assert model.batches == [1]  # the expired request never reached the model

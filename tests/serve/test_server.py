@@ -217,6 +217,11 @@ def test_cli_bad_bundle_and_bad_options_exit_2(tmp_path, bundle):
     (tampered / "model.onnx").write_bytes((tampered / "model.onnx").read_bytes() + b"\0")
     proc = run_cli("mcc_serve", tampered)
     assert proc.returncode == 2 and "sha256 differs" in proc.stderr
+    proc = run_cli("mcc_serve", bundle, "--precision", "int8")  # a bundle exported without --int8
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "no model_int8.onnx (--precision int8); export it with mcc-export --int8" in proc.stderr
+    proc = run_cli("mcc_serve", bundle, "--precision", "int4")
+    assert proc.returncode == 2 and "--precision: Value error, must be one of fp32, fp16, int8" in proc.stderr
 
 
 def broken_bundles(bundle, root):

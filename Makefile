@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/export_parity.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/int8.py
 
 accuracy: install
 	$(BIN)/python benchmarks/accuracy.py

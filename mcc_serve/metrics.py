@@ -39,6 +39,19 @@ class Metrics:
             "mcc_requests_in_flight", "requests being handled", registry=self.registry, multiprocess_mode="livesum"
         )
 
+        self._children: dict[tuple, tuple] = {}
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One answered request. NOTE: the labelled children are looked up once per (endpoint, status), not per
+        request (``labels()`` builds, validates and locks its key each call)."""
+        key = (endpoint, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._children[key] = children  # bounded: route paths (or "unmatched") times HTTP statuses
+        children[0].inc()
+        children[1].observe(seconds)
+
     def observe_batch(self, size: int, waits: list[float]) -> None:
         self.batch_size.observe(size)
         for wait in waits:

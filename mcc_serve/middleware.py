@@ -61,8 +61,7 @@ class LimitsAndMetrics:
             if metrics:
                 endpoint = self.endpoint or getattr(scope.get("route"), "path", "unmatched")
                 metrics.in_flight.dec()
-                metrics.requests.labels(endpoint, str(status)).inc()
-                metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+                metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
 
 def json_error(message: str, status: int, headers: dict | None = None) -> JSONResponse:

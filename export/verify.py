@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mcc_train import UsageError
-from mcc_train.data import load_data
 
 from .bundle import (
     CONFIG_JSON,
@@ -106,28 +105,14 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 def real_images(meta: dict, ckpt: dict | None, count: int) -> tuple[torch.Tensor | None, str]:
     """Up to ``count`` validation images of the training data, preprocessed as model.json says."""
-    from timm.data import create_transform
-
     if ckpt is None:
         return None, "no source checkpoint, so no training data"
     spec = ckpt["config"].get("data", "")
     try:
-        val = load_data(spec).val
+        images, _ = preprocessed(meta, spec, "val", count)
     except UsageError as e:
         return None, f"training data unavailable ({e})"
-    pre = meta["preprocess"]
-    val.mode = "L" if meta["in_chans"] == 1 else "RGB"
-    val.transform = create_transform(
-        tuple(pre["input_size"]),
-        is_training=False,
-        interpolation=pre["interpolation"],
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
-        crop_pct=pre["crop_pct"],
-        crop_mode=pre.get("crop_mode"),
-    )
-    index = np.linspace(0, len(val) - 1, min(count, len(val))).astype(int)
-    return torch.stack([val[int(i)][0] for i in index]), f"{len(index)} val images of {spec}"
+    return images, f"{len(images)} val images of {spec}"
 
 
 def verify_bundle(

@@ -3,6 +3,7 @@
 import csv
 import re
 
+import pytest
 import torch
 
 from mcc_train import create_model
@@ -56,3 +57,102 @@ def test_torchrun_with_a_frozen_epoch_accumulation_balanced_draws_and_ema(tmp_pa
     # first, then under a rebuilt DDP) in the second only
     assert steps == {2, 4}
     assert ckpt["model_ema"].keys() == ckpt["model"].keys() and ckpt["metrics_ema"]["top1"] >= 0
+
+
+def start_two_nodes(out, *extra) -> list:
+    """``mcc-train`` as two torchrun "nodes" of one process each on this machine (c10d rendezvous, as on a cluster:
+    one torchrun per node, the same endpoint); each node in a process group of its own."""
+    import socket
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*FAST_TRAIN, "--batch-size", "16", "--out", str(out), *map(str, extra)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "mcc-test",
+                "-m",
+                "mcc_train",
+                *args,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+
+
+def two_nodes(out, *extra, timeout=600) -> str:
+    """Both nodes to the end; their output. Fails the test when either fails."""
+    nodes = start_two_nodes(out, *extra)
+    logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    return "\n".join(logs)
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_split_the_steps_and_log_once(tmp_path):
+    out = tmp_path / "nodes"
+    log = two_nodes(out, "--epochs", "2")
+    assert re.search(r"cpu x2, 4 steps/epoch per rank", log), log[-2000:]  # 128 images, 2 ranks, batch 16
+    assert len(re.findall(r"^epoch 1/2 ", log, re.M)) == 1 and log.count("mcc-train: done:") == 1
+    assert {p.name for p in out.iterdir()} - {"tensorboard"} == {"best.pt", "config.yaml", "curves.png", "last.pt",
+                                                               "metrics.csv"}  # fmt: skip
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    ckpt = load_checkpoint(out / "last.pt")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = create_model(ckpt["arch"], ckpt["num_classes"], in_chans=ckpt["in_chans"])
+    model.load_state_dict(ckpt["model"])
+    splits = load_data(cfg.data)
+    set_transforms(splits, *build_transforms(ckpt["data_config"], 0.0, tuple(cfg.scale)), ckpt["in_chans"])
+    _, _, val_loader = build_loaders(splits, cfg, Runtime(torch.device("cpu")))
+    assert abs(evaluate(model, val_loader, Runtime(torch.device("cpu")))["top1"] - float(rows[-1]["top1"])) < 1e-6
+
+
+@pytest.mark.slow
+def test_a_killed_two_node_run_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import time
+
+    two_nodes(tmp_path / "whole", "--epochs", "4")
+    out = tmp_path / "killed"
+    nodes = start_two_nodes(out, "--epochs", "4")
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and time.time() < deadline and nodes[0].poll() is None:
+        time.sleep(0.02)
+    for node in nodes:  # both nodes, torchrun and its worker: as a lost allocation would
+        os.killpg(node.pid, signal.SIGKILL)
+        node.communicate()
+    assert load_checkpoint(out / "last.pt")["epoch"] < 4
+    two_nodes(tmp_path / "killed", "--resume", out / "last.pt")
+    whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(out / "last.pt")
+    assert resumed["epoch"] == whole["epoch"] == 4
+    for key, value in whole["model"].items():  # the weights of the run that was never interrupted
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+    with open(out / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]

@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python benchmarks/export_parity.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/int8.py
+	$(BIN)/python benchmarks/ray_serve.py
 
 accuracy: install
 	$(BIN)/python benchmarks/accuracy.py

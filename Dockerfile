@@ -19,10 +19,11 @@ COPY mcc_serve/ /app/mcc_serve/
 RUN useradd --create-home --uid 10001 mcc
 USER mcc
 
-ENV MCC_HOST=0.0.0.0 MCC_PORT=8000 MCC_BUNDLE=/model
+# PORT: the convention of Knative and KServe (they set it); MCC_PORT or --port override it
+ENV MCC_HOST=0.0.0.0 PORT=8000 MCC_BUNDLE=/model
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
-    CMD curl -fsS "http://127.0.0.1:${MCC_PORT}/v2/health/ready" || exit 1
+    CMD curl -fsS "http://127.0.0.1:${MCC_PORT:-$PORT}/v2/health/ready" || exit 1
 # exec form: uvicorn gets SIGTERM directly and drains in-flight requests before exiting
+# the bundle is MCC_BUNDLE's (/model unless set: KServe's /mnt/models, a mounted volume); arguments are flags
 ENTRYPOINT ["python3", "-m", "mcc_serve"]
-CMD ["/model"]

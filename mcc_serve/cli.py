@@ -15,7 +15,8 @@ from .protocol import BoundedHttpToolsProtocol
 from .settings import ServeSettings
 
 EPILOG = """every option can also be set as an environment variable: --max-batch-size 64 is MCC_MAX_BATCH_SIZE=64,
-and the bearer token is MCC_API_KEY only (never a flag, so it stays out of process lists).
+and the bearer token is MCC_API_KEY only (never a flag, so it stays out of process lists). Without --port or
+MCC_PORT the port is PORT's (as Knative and KServe set it), else 8000.
 
 examples:
   mcc-serve bundles/demo
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    if "port" not in args and "MCC_PORT" not in os.environ and os.environ.get("PORT"):
+        args["port"] = os.environ["PORT"]  # Knative and KServe tell the container its port in PORT
     try:
         settings = ServeSettings(**args)
     except ValidationError as e:

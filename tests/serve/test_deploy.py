@@ -1,0 +1,83 @@
+"""deploy/: the Kubernetes and KServe manifests against the Kubernetes schemas, and the container contract they rely
+on (the port from PORT, the bundle from the environment, the probe paths, the SIGTERM drain) on a real process."""
+
+import os
+import signal
+import subprocess
+
+import httpx
+import pytest
+import yaml
+
+from ..conftest import PYTHON, REPO
+from .conftest import free_port
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+K8S_VERSION = "1.30.0"
+DEPLOY = REPO / "deploy"
+
+
+def documents(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_the_plain_kubernetes_manifests_are_valid_deployment_service_and_hpa():
+    docs = documents(DEPLOY / "kubernetes" / "mcc-serve.yaml")
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any unknown or mistyped field
+    container = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    check_contract(container, port_env=True)
+
+
+def test_the_inferenceservice_predictor_is_a_valid_pod_spec_with_the_v2_probes():
+    (isvc,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    predictor = dict(isvc["spec"]["predictor"])
+    # KServe's own fields beside the pod spec it embeds
+    kserve_fields = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout"}
+    assert predictor["scaleMetric"] == "concurrency" and predictor["minReplicas"] <= predictor["maxReplicas"]
+    pod_spec = {k: v for k, v in predictor.items() if k not in kserve_fields}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_spec}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (container,) = pod_spec["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe's storage initializer mounts /mnt/models for
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MCC_BUNDLE"] == "/mnt/models" and env["STORAGE_URI"].startswith("s3://")
+    check_contract(container, port_env=False)
+
+
+def check_contract(container: dict, port_env: bool) -> None:
+    """The probes hit mcc-serve's v2 health paths on the port it listens on."""
+    port = container["ports"][0]["containerPort"]
+    assert port == 8080
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    if port_env:  # plain Kubernetes sets PORT itself; Knative sets it for KServe
+        assert {e["name"]: e["value"] for e in container["env"]}["PORT"] == str(port)
+
+
+def test_the_container_contract_port_from_port_bundle_from_env_probes_and_sigterm(bundle):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCC_")}
+    env |= {"PORT": str(port), "MCC_BUNDLE": str(bundle), "MCC_HOST": "127.0.0.1", "MCC_DRAIN_S": "0.5"}
+    proc = subprocess.Popen([PYTHON, "-m", "mcc_serve"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip  # no arguments: as the image starts
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            subprocess.run(["sleep", "0.1"])
+        assert httpx.get(f"{url}/v2/health/live").status_code == 200
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0  # drained and exited cleanly, as a pod being replaced must
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -133,8 +133,27 @@ def test_torchrun_two_nodes_split_the_steps_and_log_once(tmp_path):
     assert abs(evaluate(model, val_loader, Runtime(torch.device("cpu")))["top1"] - float(rows[-1]["top1"])) < 1e-6
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 @pytest.mark.slow
 def test_a_killed_two_node_run_resumes_exactly(tmp_path):
+    import contextlib
     import os
     import signal
     import time
@@ -145,8 +164,11 @@ def test_a_killed_two_node_run_resumes_exactly(tmp_path):
     deadline = time.time() + 300
     while not (out / "last.pt").exists() and time.time() < deadline and nodes[0].poll() is None:
         time.sleep(0.02)
-    for node in nodes:  # both nodes, torchrun and its worker: as a lost allocation would
-        os.killpg(node.pid, signal.SIGKILL)
+    doomed = [pid for node in nodes for pid in (node.pid, *descendants(node.pid))]  # torchrun starts its workers
+    for pid in doomed:  # in sessions of their own: every process of both nodes, as a lost allocation would
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for node in nodes:
         node.communicate()
     assert load_checkpoint(out / "last.pt")["epoch"] < 4
     two_nodes(tmp_path / "killed", "--resume", out / "last.pt")

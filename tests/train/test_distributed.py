@@ -20,9 +20,13 @@ def test_torchrun_two_processes(tmp_path):
     args = [*FAST_TRAIN, "--batch-size", "16", "--epochs", "2", "--out", out]
     proc = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mcc_train", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    # 128 images over 2 ranks, 16 per batch: 4 steps per rank, not 8
-    assert re.search(r"cpu x2, 4 steps/epoch per rank", log), log[-2000:]
+    check_a_two_rank_run(out, proc.stdout + proc.stderr)
+
+
+def check_a_two_rank_run(out, log: str) -> None:
+    """What any 2-rank run of 2 epochs on 128 images at batch 16 must show: the steps split, metrics logged once, one
+    set of files, and a checkpoint that evaluates to the logged metrics in a single process."""
+    assert re.search(r"cpu x2, 4 steps/epoch per rank", log), log[-2000:]  # 4 steps per rank, not 8
     assert len(re.findall(r"^epoch 1/2 ", log, re.M)) == 1  # metrics logged once, by rank 0
     assert log.count("mcc-train: done:") == 1
     assert {p.name for p in out.iterdir()} - {"tensorboard"} == {"best.pt", "config.yaml", "curves.png", "last.pt",
@@ -30,15 +34,12 @@ def test_torchrun_two_processes(tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-
-    # the checkpoint loads into a single-process model and evaluates to the recorded metrics
     ckpt = load_checkpoint(out / "last.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = create_model(ckpt["arch"], ckpt["num_classes"], in_chans=ckpt["in_chans"])
     model.load_state_dict(ckpt["model"])
     splits = load_data(cfg.data)
-    dc = ckpt["data_config"]
-    set_transforms(splits, *build_transforms(dc, 0.0, tuple(cfg.scale)), ckpt["in_chans"])
+    set_transforms(splits, *build_transforms(ckpt["data_config"], 0.0, tuple(cfg.scale)), ckpt["in_chans"])
     _, _, val_loader = build_loaders(splits, cfg, Runtime(torch.device("cpu")))
     metrics = evaluate(model, val_loader, Runtime(torch.device("cpu")))
     assert abs(metrics["top1"] - float(rows[-1]["top1"])) < 1e-6
@@ -115,22 +116,7 @@ def two_nodes(out, *extra, timeout=600) -> str:
 @pytest.mark.slow
 def test_torchrun_two_nodes_split_the_steps_and_log_once(tmp_path):
     out = tmp_path / "nodes"
-    log = two_nodes(out, "--epochs", "2")
-    assert re.search(r"cpu x2, 4 steps/epoch per rank", log), log[-2000:]  # 128 images, 2 ranks, batch 16
-    assert len(re.findall(r"^epoch 1/2 ", log, re.M)) == 1 and log.count("mcc-train: done:") == 1
-    assert {p.name for p in out.iterdir()} - {"tensorboard"} == {"best.pt", "config.yaml", "curves.png", "last.pt",
-                                                               "metrics.csv"}  # fmt: skip
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2"]
-    ckpt = load_checkpoint(out / "last.pt")
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = create_model(ckpt["arch"], ckpt["num_classes"], in_chans=ckpt["in_chans"])
-    model.load_state_dict(ckpt["model"])
-    splits = load_data(cfg.data)
-    set_transforms(splits, *build_transforms(ckpt["data_config"], 0.0, tuple(cfg.scale)), ckpt["in_chans"])
-    _, _, val_loader = build_loaders(splits, cfg, Runtime(torch.device("cpu")))
-    assert abs(evaluate(model, val_loader, Runtime(torch.device("cpu")))["top1"] - float(rows[-1]["top1"])) < 1e-6
+    check_a_two_rank_run(out, two_nodes(out, "--epochs", "2"))
 
 
 def descendants(pid: int) -> list[int]:

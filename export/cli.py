@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mcc_train import UsageError
 
+from .quantize import CALIBRATION_IMAGES
+
 EPILOG = """examples:
   mcc-export runs/demo/best.pt --out bundles/demo             # collapse, write ONNX, prove it is vanilla
   mcc-export runs/demo/best.pt --out bundles/demo --fp16 --overwrite
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="also write model_int8.onnx (onnxruntime static QDQ quantization, calibrated on training "
                         "images) and record its top-1 beside fp32's")  # fmt: skip
-    p.add_argument("--calibration-images", type=int, default=256, help="training images --int8 calibrates on")
+    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
+                   help=f"training images --int8 calibrates on (default: {CALIBRATION_IMAGES})")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (mcc-train --model-ema)")
     p.add_argument("--verify", metavar="BUNDLE_DIR", help="verify an existing bundle instead of exporting")

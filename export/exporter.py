@@ -137,7 +137,7 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         _logger.info("verifying the bundle (weights, timm config, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
         parity = {**report.to_dict(), "model_json_sha256": sha256_file(tmp / MODEL_JSON)}
-        if cfg.int8:
+        if cfg.int8 and report.passed:  # a failed proof writes nothing: no need to score it
             _logger.info("scoring the fp32 and int8 models on the validation images of %s", data)
             int8 = top1_report(tmp / ONNX_FILE, tmp / INT8_FILE, meta, data)
             parity["int8"] = {"calibration_images": calibrated, **int8, "proof": report.int8}

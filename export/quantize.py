@@ -31,9 +31,10 @@ INT8_MIN_AGREEMENT = 0.90  # the proof's bar: int8 names fp32's class on at leas
 INT8_CHECK_IMAGES = 256  # val images the proof (mcc-export and --verify) compares the two models on
 
 
-def preprocessed(meta: dict, spec: str, split: str, count: int) -> tuple[torch.Tensor, np.ndarray]:
+def preprocessed_batches(meta: dict, spec: str, split: str, count: int, batch: int = 64):
     """Up to ``count`` images of one split of ``--data spec`` (evenly spaced) through the bundle's preprocessing,
-    (N, C, H, W), and their labels (N,).
+    ``batch`` at a time: yields (images (n, C, H, W), labels (n,)), so 10,000 images at 224 never sit in memory
+    together.
 
     Raises:
         UsageError: the data cannot be read here.
@@ -52,8 +53,16 @@ def preprocessed(meta: dict, spec: str, split: str, count: int) -> tuple[torch.T
         crop_mode=pre.get("crop_mode"),
     )
     index = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).astype(int))
-    pairs = [dataset[int(i)] for i in index]
-    return torch.stack([x for x, _ in pairs]), np.array([int(y) for _, y in pairs])
+    for start in range(0, len(index), batch):
+        pairs = [dataset[int(i)] for i in index[start : start + batch]]
+        yield torch.stack([x for x, _ in pairs]), np.array([int(y) for _, y in pairs])
+
+
+def preprocessed(meta: dict, spec: str, split: str, count: int) -> tuple[torch.Tensor, np.ndarray]:
+    """All of ``preprocessed_batches`` at once, (N, C, H, W) and (N,): for the few hundred images of calibration and
+    the proof."""
+    batches = list(preprocessed_batches(meta, spec, split, count))
+    return torch.cat([x for x, _ in batches]), np.concatenate([y for _, y in batches])
 
 
 class _Batches:
@@ -108,13 +117,14 @@ def top1_report(fp32_path: Path, int8_path: Path, meta: dict, spec: str, count: 
     how far apart their logits are."""
     from .verify import session
 
-    images, labels = preprocessed(meta, spec, "val", count)
-    outputs = {}
-    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-        sess = session(path)
-        outputs[name] = np.concatenate(
-            [sess.run(None, {INPUT_NAME: images[i : i + 64].numpy()})[0] for i in range(0, len(images), 64)]
-        )  # (N, C)
+    sessions = {"fp32": session(fp32_path), "int8": session(int8_path)}
+    outputs, labels = {k: [] for k in sessions}, []
+    for images, y in preprocessed_batches(meta, spec, "val", count):
+        labels.append(y)
+        for name, sess in sessions.items():
+            outputs[name].append(sess.run(None, {INPUT_NAME: images.numpy()})[0])  # (n, C)
+    labels = np.concatenate(labels)
+    outputs = {k: np.concatenate(v) for k, v in outputs.items()}
     pred = {k: v.argmax(1) for k, v in outputs.items()}
     return {
         "val_images": len(labels),

@@ -39,9 +39,13 @@ class RayOptions(BaseModel):
         if self.min_replicas is not None or self.max_replicas is not None:
             if self.num_replicas is not None:
                 raise ValueError("num_replicas: give it, or min_replicas/max_replicas for autoscaling, not both")
+            low = self.min_replicas if self.min_replicas is not None else 1
+            high = self.max_replicas if self.max_replicas is not None else max(low, 1)
+            if high < low:
+                raise ValueError(f"max_replicas {high} is below min_replicas {low}")
             options["autoscaling_config"] = {
-                "min_replicas": self.min_replicas if self.min_replicas is not None else 1,
-                "max_replicas": self.max_replicas if self.max_replicas is not None else 1,
+                "min_replicas": low,
+                "max_replicas": high,
                 "target_ongoing_requests": self.target_ongoing_requests,
             }
         else:
@@ -63,10 +67,11 @@ class MccServe:
         return self.mcc_app
 
     def check_health(self) -> None:
-        """Ray's health check: a replica whose model cannot run is replaced."""
+        """Ray's health check: a replica whose batcher has stopped is replaced (the model itself ran at warm-up)."""
         resources = getattr(self.mcc_app.state, "resources", None)
-        if resources is not None and resources.ready:
-            resources.engine.warmup(1)
+        task = getattr(getattr(resources, "batcher", None), "_task", None)
+        if task is not None and task.done():
+            raise RuntimeError("the replica's batcher has stopped")
 
 
 def build(args: dict) -> Application:

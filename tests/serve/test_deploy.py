@@ -40,10 +40,13 @@ def test_the_inferenceservice_predictor_is_a_valid_pod_spec_with_the_v2_probes()
     pod_spec = {k: v for k, v in predictor.items() if k not in kserve_fields}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_spec}
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    # fields Knative's admission webhook refuses on a Serverless predictor
+    assert not {"terminationGracePeriodSeconds", "activeDeadlineSeconds", "nodeName"} & set(pod_spec)
     (container,) = pod_spec["containers"]
     assert container["name"] == "kserve-container"  # the name KServe's storage initializer mounts /mnt/models for
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MCC_BUNDLE"] == "/mnt/models" and env["STORAGE_URI"].startswith("s3://")
+    assert env["MCC_PORT"] == str(container["ports"][0]["containerPort"])  # RawDeployment sets no PORT
     check_contract(container, port_env=False)
 
 

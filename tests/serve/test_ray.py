@@ -90,6 +90,8 @@ def test_a_bad_bundle_or_argument_fails_the_build_in_one_line(tmp_path, bundle):
         build({"bundle": str(bundle), "replicas": "2"})
     with pytest.raises(ValueError, match="not both"):
         build({"bundle": str(bundle), "num_replicas": "2", "max_replicas": "4"})
+    with pytest.raises(ValueError, match="max_replicas 2 is below min_replicas 3"):
+        build({"bundle": str(bundle), "min_replicas": "3", "max_replicas": "2"})
     with pytest.raises(ValueError, match="max_batch_size"):
         build({"bundle": str(bundle), "max_batch_size": "0"})
 

@@ -108,9 +108,25 @@ def start_two_nodes(out, *extra) -> list:
 def two_nodes(out, *extra, timeout=600) -> str:
     """Both nodes to the end; their output. Fails the test when either fails."""
     nodes = start_two_nodes(out, *extra)
-    logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    try:
+        logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    finally:  # a node that failed or hung: nothing of either node outlives the test
+        kill_nodes(nodes)
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
     return "\n".join(logs)
+
+
+def kill_nodes(nodes: list) -> None:
+    """SIGKILL every process of the nodes: torchrun and its workers, which it starts in sessions of their own."""
+    import contextlib
+    import os
+    import signal
+
+    for pid in [pid for node in nodes for pid in (node.pid, *descendants(node.pid))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for node in nodes:
+        node.communicate()
 
 
 @pytest.mark.slow
@@ -139,9 +155,6 @@ def descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_two_node_run_resumes_exactly(tmp_path):
-    import contextlib
-    import os
-    import signal
     import time
 
     two_nodes(tmp_path / "whole", "--epochs", "4")
@@ -150,12 +163,7 @@ def test_a_killed_two_node_run_resumes_exactly(tmp_path):
     deadline = time.time() + 300
     while not (out / "last.pt").exists() and time.time() < deadline and nodes[0].poll() is None:
         time.sleep(0.02)
-    doomed = [pid for node in nodes for pid in (node.pid, *descendants(node.pid))]  # torchrun starts its workers
-    for pid in doomed:  # in sessions of their own: every process of both nodes, as a lost allocation would
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for node in nodes:
-        node.communicate()
+    kill_nodes(nodes)  # every process of both nodes, as a lost allocation would
     assert load_checkpoint(out / "last.pt")["epoch"] < 4
     two_nodes(tmp_path / "killed", "--resume", out / "last.pt")
     whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(out / "last.pt")

@@ -162,10 +162,17 @@ class MultiCenterHead(nn.Module):
             eps: standard normal noise (C, K, d); one vectorised draw on the parameters' device when None.
         """
         draw = fused(draw_centers) if self.fused and not torch.compiler.is_compiling() else draw_centers
-        if self.fused and eps is None and self.weight.device.type == "cpu":  # as in forward: ATen's CPU draw
-            eps = torch.randn(self.num_classes, self.num_subcenters, self.in_features, dtype=self.weight.dtype)
+        if eps is None:
+            eps = self._eager_noise((self.num_classes, self.num_subcenters, self.in_features), self.weight)
         return draw(self.weight, self.log_var, self.num_subcenters, self.sigma_scale, self.sigma_mode == "relative",
                     eps)  # fmt: skip
+
+    def _eager_noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """Standard normal noise drawn with ATen for a fused head on the CPU (inductor's CPU generator was 2x
+        slower); None elsewhere: eager draws it itself, and a compiled CUDA head draws it in-kernel."""
+        if not self.fused or like.device.type != "cpu":
+            return None
+        return torch.randn(shape, dtype=torch.promote_types(like.dtype, self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -178,13 +185,10 @@ class MultiCenterHead(nn.Module):
             row_class = torch.arange(self.num_classes, device=x.device).repeat_interleave(K + 1)  # (C*(K+1),)
             return self.margin.train_logits(x, self.sample_centers(), bias, row_class)  # (B, d) -> (B, C*(K+1))
         fn = local_logits if self.sampling == "local" else shared_logits
-        noise = None
-        if self.fused:
-            fn = fn if torch.compiler.is_compiling() else fused(fn)  # under --compile model the model's graph fuses it
-            if x.device.type == "cpu":  # inductor's CPU random numbers are slower than ATen's: draw them eagerly
-                C, K = self.num_classes, self.num_subcenters
-                shape = (len(x), C, K) if self.sampling == "local" else (C, K, self.in_features)
-                noise = torch.randn(shape, dtype=torch.promote_types(x.dtype, self.weight.dtype))
+        if self.fused and not torch.compiler.is_compiling():  # under --compile model the model's graph fuses it
+            fn = fused(fn)
+        C, K = self.num_classes, self.num_subcenters
+        noise = self._eager_noise((len(x), C, K) if self.sampling == "local" else (C, K, self.in_features), x)
         return fn(x, self.weight, self.log_var, self.bias, self.num_subcenters, self.sigma_scale,
                   self.sigma_mode == "relative", noise)  # fmt: skip  # (B, d) -> (B, C*(K+1))
 

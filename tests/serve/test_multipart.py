@@ -5,10 +5,11 @@ import random
 
 import httpx
 import pytest
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from mcc_serve.multipart import MultipartError, read_files
+from mcc_serve.multipart import _PLAIN_DISPOSITION, MultipartError, disposition_options, read_files
 
 
 def encode(files, data=None) -> tuple[bytes, str]:
@@ -84,3 +85,32 @@ def test_part_limits_are_413():
     with pytest.raises(MultipartError, match="more than 16 form fields") as e:
         read_files(body, content_type, max_files=3)
     assert e.value.status == 413
+
+
+def test_the_plain_header_fast_path_reads_what_the_full_parser_reads():
+    rng = random.Random(1)
+    pieces = ["a", "Z", "0", ".png", " ", ";", '"', "\\", "é", "=", "*", "C:\\\\x", "\t", "%20"]
+    values = [b'form-data; name="files"; filename="0.png"', b'form-data; name="note"', b'form-data; name=""',
+              b'form-data; name="files"; filename=""', b'form-data; name="files"; filename*=utf-8\'\'x.png',
+              b'Form-Data; Name="files"; FileName="a.png"', b'form-data;name="files";filename="a.png"']  # fmt: skip
+    for _ in range(3000):
+        name, filename = ("".join(rng.choices(pieces, k=rng.randint(0, 4))) for _ in range(2))
+        value = f'form-data; name="{name}"' + (f'; filename="{filename}"' if rng.random() < 0.7 else "")
+        values.append(value.encode("utf-8") if rng.random() < 0.5 else value.encode("latin-1", "replace"))
+    fast = 0
+    for value in values:
+        assert disposition_options(value) == parse_options_header(value)[1], value
+        fast += _PLAIN_DISPOSITION.fullmatch(value) is not None
+    assert fast > 300  # the fast path was taken, and agreed
+
+    for boundary in ["b", "----WebKitFormBoundary7MA4YWxkTrZu0gW", "a=b", "x" * 70, "x" * 71, '"quoted"', "a b"]:
+        for sep in ["; ", ";", ";\t", " ; "]:
+            content_type = f"multipart/form-data{sep}boundary={boundary}"
+            expected = parse_options_header(content_type)[1].get(b"boundary", b"")  # what the full parser reads
+            body = b"--" + expected + b'\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\n'
+            body += b"x\r\n--" + expected + b"--\r\n"
+            if 1 <= len(expected) <= 70:
+                assert read_files(body, content_type, 4) == [("a", b"x")], content_type
+            else:
+                with pytest.raises(MultipartError, match="boundary of 1 to 70"):
+                    read_files(body, content_type, 4)

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             http=BoundedHttpToolsProtocol,  # header size and slow-client limits (mcc_serve/protocol.py)
             timeout_keep_alive=settings.keep_alive_s,
             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+            server_header=False,  # no "server: uvicorn" on every answer: it tells a scanner what to try
         )
     finally:
         if metrics_dir:

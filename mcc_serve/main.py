@@ -106,14 +106,14 @@ class ServeApp:
     """The ASGI application: /v1/predict straight to its handler, everything else to the FastAPI app ``api``.
 
     /v1/predict carries the load; FastAPI's middleware stack and router cost ~0.1 ms of CPU per request (a
-    trivial endpoint under uvicorn: 0.20 ms behind them, 0.06 ms without), some 5% of the ~2.2 ms a small
-    image costs in all (benchmarks/serve_load.py). ``api`` owns the lifespan, ``state``, the other routes,
-    /docs and /openapi.json (which documents /v1/predict too).
+    trivial endpoint under uvicorn: 0.20 ms behind them, 0.06 ms without), a third of what the event loop spends
+    on a small image (benchmarks/serve_load.py). ``api`` owns the lifespan, ``state``, the other routes, /docs and
+    /openapi.json (which documents /v1/predict too).
     """
 
     def __init__(self, api: FastAPI):
         self.api, self.state = api, api.state
-        self.predict = LimitsAndMetrics(predict.endpoint, api.state.settings, endpoint="/v1/predict")
+        self.predict = predict.PredictApp(api.state.settings)  # its own body limit and metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] == "/v1/predict":

@@ -92,6 +92,12 @@ def test_200_requests_from_32_clients_each_get_their_own_answer(server, bundle, 
 
     results = asyncio.run(run())
     assert all(r.status_code == 200 for _, r in results)
+    for _, r in results[:3]:  # framed by Content-Length, not chunked, like every other route's answers
+        assert r.headers["content-type"] == "application/json" and "transfer-encoding" not in r.headers
+        assert "server" not in r.headers  # uvicorn's "server: uvicorn" would tell a scanner what to try
+        assert int(r.headers["content-length"]) == len(r.content)
+    error = httpx.post(f"{server.url}/v1/predict", content=b"x", headers={"content-type": "text/plain"})
+    assert error.status_code == 415 and int(error.headers["content-length"]) == len(error.content) > 0
     for k, r in results:
         probs = np.zeros(10)
         for t in r.json()["predictions"][0]["top_k"]:

@@ -45,6 +45,9 @@ class ServeSettings(BaseSettings):
     warmup_runs: int = Field(3, ge=0, description="model runs before readiness turns true")
     api_key: SecretStr | None = Field(None, description="bearer token required on all but health endpoints")
     log_level: str = Field("info", description="log level: critical | error | warning | info | debug | trace")
+    access_log: bool = Field(
+        False, description="a log line per request (uvicorn's access log; /metrics counts requests without it)"
+    )
 
     @field_validator("device")
     @classmethod

@@ -303,6 +303,17 @@ def test_a_client_that_disconnects_mid_body_is_a_499_and_one_log_line(bundle, di
         srv.stop()
     log = srv.proc.stdout.read()
     assert "Traceback" not in log and log.count("disconnected before sending its whole request") == 2
+    assert "GET /metrics" not in log  # no access log by default, at info level too
+
+
+def test_access_log_on_request(bundle, digit_pngs):
+    srv = Server(bundle, "--log-level", "info", "--access-log")
+    try:
+        files = [("files", ("0.png", digit_pngs[0][0], "image/png"))]
+        assert httpx.post(f"{srv.url}/v1/predict", files=files).status_code == 200
+    finally:
+        srv.stop()
+    assert '"POST /v1/predict HTTP/1.1" 200' in srv.proc.stdout.read()
 
 
 def test_slow_and_oversized_clients_are_cut_off_and_the_server_stays_ready(bundle):

@@ -8,12 +8,14 @@ defaults (one worker, batches of up to 32, no delay: a request runs at once when
 off (max batch 1); a 5 ms batching delay (the default before); two worker processes of one onnxruntime thread
 each. ``--precision int8`` serves the bundle's model_int8.onnx and runs it in the reference too.
 
-The reference is in-process onnxruntime (decode + preprocess + run, batch 32, onnxruntime's defaults, no HTTP),
-measured right before and right after each level with the server idle: every throughput ratio is against the
-mean of the two references beside it, so the drift of a shared machine's speed (+-20% here over a minute)
-cancels instead of landing in the ratio.
+Every configuration's server runs for the whole benchmark, idle but for its turn, and each level is measured in
+``--rounds`` slices taken in turn (the reference, then each configuration, round after round): configurations are
+compared side by side, so the drift of a shared machine's speed (+-20% here over a minute) lands in every one of
+them alike instead of in their ratio. The reference is in-process onnxruntime (decode + preprocess + run, batch
+32, onnxruntime's defaults, no HTTP), measured before each round and after the last with every server idle; a
+level's ratio to in-process is against the mean of those references.
 
-    python benchmarks/serve_load.py [--bundle DIR] [--seconds 4]
+    python benchmarks/serve_load.py [--bundle DIR] [--seconds 6] [--rounds 3]
 
 Without --bundle it trains resnet18 on digits for one epoch and exports it (about a minute).
 Targets: default at concurrency 1 within 0.5 ms (p50) of batching off; default at concurrency 32 and 64 at least
@@ -113,7 +115,7 @@ class ServerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(BIN / "mcc-serve"), str(bundle), "--port", str(self.port), "--log-level", "warning", *args]
+        cmd = [str(BIN / "mcc-serve"), str(bundle), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         ready_in_a_row = 0  # with several workers, each answers for itself: wait until all of them are warm
         for _ in range(1200):
@@ -186,11 +188,14 @@ async def load(url: str, pngs: list[bytes], concurrency: int, seconds: float, pe
     lat = np.array(latencies) * 1000
     return {
         "requests": len(latencies),
+        "images": len(latencies) * per_request,
+        "elapsed_s": elapsed,
         "rps": len(latencies) / elapsed,
         "images_per_s": len(latencies) * per_request / elapsed,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "errors": errors,
+        "latencies_ms": lat,
     }
 
 
@@ -216,22 +221,60 @@ def cpu_seconds(root: int) -> float | None:
     return sum(stats[pid][1] for pid in tree)
 
 
-def run_load(*args) -> dict:
+def measure(server: ServerProcess, pngs: list[bytes], concurrency: int, seconds: float, per_request: int) -> dict:
+    """One slice of load on one server, with the server's and this process's CPU time over it."""
+    cpu_before, own_before = cpu_seconds(server.proc.pid), time.process_time()
+    r = run_load(server.url, pngs, concurrency, seconds, per_request, latencies=True)
+    cpu_after = cpu_seconds(server.proc.pid)
+    r["server_cpu_s"] = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    r["generator_cpu_s"] = time.process_time() - own_before
+    return r
+
+
+def combine(slices: list[dict], references: list[float]) -> dict:
+    """A level's slices as one measurement: rates over the total time, percentiles over every answer."""
+    n, elapsed = sum(s["requests"] for s in slices), sum(s["elapsed_s"] for s in slices)
+    lat = np.concatenate([s["latencies_ms"] for s in slices])
+    in_process = float(np.mean(references))
+    r = {
+        "requests": n,
+        "rps": n / elapsed,
+        "images_per_s": sum(s["images"] for s in slices) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": sum(s["errors"] for s in slices),
+        "generator_cpu_ms_per_request": 1000 * sum(s["generator_cpu_s"] for s in slices) / max(n, 1),
+        "in_process_images_per_s": in_process,
+        "in_process_per_round": references,
+        "images_per_s_per_round": [s["images_per_s"] for s in slices],
+    }
+    if all(s["server_cpu_s"] is not None for s in slices):
+        r["server_cpu_ms_per_request"] = 1000 * sum(s["server_cpu_s"] for s in slices) / max(n, 1)
+    r["vs_in_process"] = r["images_per_s"] / in_process
+    return r
+
+
+def run_load(*args, latencies: bool = False) -> dict:
     """One level in a fresh event loop: uvloop when installed (it is, with uvicorn[standard]), so that the
-    generator, which shares the CPU with the server, costs as little of it as it can."""
+    generator, which shares the CPU with the server, costs as little of it as it can. ``latencies``: keep every
+    answer's latency (ms, an array) under ``latencies_ms``."""
     try:
         import uvloop
 
-        return uvloop.run(load(*args))
+        r = uvloop.run(load(*args))
     except ImportError:
-        return asyncio.run(load(*args))
+        r = asyncio.run(load(*args))
+    if not latencies:
+        del r["latencies_ms"]
+    return r
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="a bundle from mcc-export (default: train and export one)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="load per level")
-    parser.add_argument("--reference-seconds", type=float, default=2.0, help="in-process reference between levels")
+    parser.add_argument("--seconds", type=float, default=6.0, help="load per level and configuration, in all")
+    parser.add_argument("--rounds", type=int, default=3, help="slices each level is measured in, in turn")
+    parser.add_argument("--reference-seconds", type=float, default=1.0, help="in-process reference between rounds")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="the bundle's model to serve")
     parser.add_argument("--configs", nargs="+", choices=list(BATCHING), default=list(BATCHING))
@@ -242,31 +285,31 @@ def main() -> None:
         meta = json.loads((bundle / "model.json").read_text())
         reference = InProcess(bundle, pngs, precision=args.precision)
         model_ms = reference.model_ms_batch1()
-        results, rows = {}, []
-        for mode in args.configs:
-            server = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
-            # one-image requests at each concurrency, then 8-image requests: HTTP cost shared by 8 images
-            levels = [(c, 1) for c in args.concurrency] + [(8, 8)]
-            try:
-                before = reference.images_per_s(args.reference_seconds)
-                for c, per in levels:
-                    cpu_before, own_before = cpu_seconds(server.proc.pid), time.process_time()
-                    r = run_load(server.url, pngs, c, args.seconds, per)
-                    cpu_after, n = cpu_seconds(server.proc.pid), max(r["requests"], 1)
-                    if cpu_before is not None and cpu_after is not None:
-                        r["server_cpu_ms_per_request"] = 1000 * (cpu_after - cpu_before) / n
-                    r["generator_cpu_ms_per_request"] = 1000 * (time.process_time() - own_before) / n
-                    after = reference.images_per_s(args.reference_seconds)
-                    r["in_process_images_per_s"] = (before + after) / 2  # the reference beside this level
-                    r["vs_in_process"] = r["images_per_s"] / r["in_process_images_per_s"]
-                    results[f"{mode}/{c}/{per}"] = r
-                    rows.append([mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
-                                 r.get("server_cpu_ms_per_request", "n/a"), r["in_process_images_per_s"],
-                                 r["vs_in_process"], r["errors"]])  # fmt: skip
-                    print(f"batching {mode}, concurrency {c}, {per} img/request: {r['rps']:.0f} req/s", file=sys.stderr)
-                    before = after
-            finally:
+        # one-image requests at each concurrency, then 8-image requests: HTTP cost shared by 8 images
+        levels = [(c, 1) for c in args.concurrency] + [(8, 8)]
+        servers = {}
+        try:
+            for mode in args.configs:
+                servers[mode] = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
+            results = {}
+            for c, per in levels:
+                slices = {mode: [] for mode in args.configs}
+                references = []
+                for _ in range(args.rounds):
+                    references.append(reference.images_per_s(args.reference_seconds))
+                    for mode, server in servers.items():
+                        slices[mode].append(measure(server, pngs, c, args.seconds / args.rounds, per))
+                references.append(reference.images_per_s(args.reference_seconds))
+                for mode in args.configs:
+                    results[f"{mode}/{c}/{per}"] = combine(slices[mode], references)
+                    print(f"concurrency {c}, {per} img/request, {mode}: {results[f'{mode}/{c}/{per}']['rps']:.0f} "
+                          f"req/s", file=sys.stderr)  # fmt: skip
+        finally:
+            for server in servers.values():
                 server.stop()
+    rows = [[mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
+             r.get("server_cpu_ms_per_request", "n/a"), r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
+            for mode in args.configs for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]]  # fmt: skip
 
     def level(mode: str, c: int, per: int = 1) -> dict | None:
         return results.get(f"{mode}/{c}/{per}")
@@ -290,7 +333,8 @@ def main() -> None:
             max((r["vs_in_process"] for k, r in results.items() if k.endswith("/8/8")), default=None), "concurrency 8"),
     }  # fmt: skip
     print(f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; in-process: decode + "
-          f"preprocess + onnxruntime at batch 32, measured before and after each level; model latency at batch 1: "
+          f"preprocess + onnxruntime at batch 32, measured before each round and after the last; model latency at "
+          f"batch 1: "
           f"{model_ms:.2f} ms\n")  # fmt: skip
     headers = ["batching", "concurrency", "img/request", "req/s", "img/s", "p50 ms", "p99 ms", "server CPU ms/req",
                "in-process img/s", "vs in-process", "errors"]  # fmt: skip
@@ -299,7 +343,7 @@ def main() -> None:
     check_rows = [[k, "n/a", ""] if v is None else [k, f"{v[0]:.2f}", v[1]] for k, v in checks.items()]
     check_table = print_table(["target", "measured", "where"], check_rows)
     payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "seconds_per_level": args.seconds,
-               "precision": args.precision,
+               "rounds": args.rounds, "precision": args.precision,
                "configurations": BATCHING, "model_ms_batch1": model_ms, "results": results}  # fmt: skip
     write_json(
         "serve_load" if args.precision == "fp32" else f"serve_load_{args.precision}",

@@ -15,7 +15,10 @@ them alike instead of in their ratio. The reference is in-process onnxruntime (d
 32, onnxruntime's defaults, no HTTP), measured before each round and after the last with every server idle; a
 level's ratio to in-process is against the mean of those references.
 
-    python benchmarks/serve_load.py [--bundle DIR] [--seconds 6] [--rounds 3]
+    python benchmarks/serve_load.py [--bundle DIR] [--seconds 6] [--rounds 3] [--baseline-rev REV]
+
+``--baseline-rev REV`` serves git revision REV's mcc-serve (a worktree of this repository) with its own defaults
+beside the configurations, e.g. the revision before a change to the serving path.
 
 Without --bundle it trains resnet18 on digits for one epoch and exports it (about a minute).
 Targets: default at concurrency 1 within 0.5 ms (p50) of batching off; default at concurrency 32 and 64 at least
@@ -109,13 +112,23 @@ class InProcess:
         return rate
 
 
+# runs mcc-serve from the source tree given as its first argument, not from the installed (editable) package
+FROM_TREE = (
+    "import sys; root = sys.argv.pop(1); sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+    "getattr(f, '__module__', '') and '__editable__' not in repr(f)]; sys.path.insert(0, root); import mcc_serve; "
+    "assert mcc_serve.__file__.startswith(root), mcc_serve.__file__; from mcc_serve.cli import main; sys.exit(main())"
+)
+
+
 class ServerProcess:
-    def __init__(self, bundle: Path, args: list[str]):
+    def __init__(self, bundle: Path, args: list[str], tree: Path | None = None):
+        """mcc-serve on ``bundle`` with ``args``; ``tree``: run the mcc_serve of that source tree instead."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(BIN / "mcc-serve"), str(bundle), "--port", str(self.port), *args]
+        program = [str(BIN / "mcc-serve")] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree)]
+        cmd = [*program, str(bundle), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         ready_in_a_row = 0  # with several workers, each answers for itself: wait until all of them are warm
         for _ in range(1200):
@@ -221,6 +234,14 @@ def cpu_seconds(root: int) -> float | None:
     return sum(stats[pid][1] for pid in tree)
 
 
+def checkout(rev: str, where: Path) -> Path:
+    """The source tree of git revision ``rev`` of this repository, under ``where`` (removed with it)."""
+    tree = where / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
+                   capture_output=True)  # fmt: skip
+    return tree
+
+
 def measure(server: ServerProcess, pngs: list[bytes], concurrency: int, seconds: float, per_request: int) -> dict:
     """One slice of load on one server, with the server's and this process's CPU time over it."""
     cpu_before, own_before = cpu_seconds(server.proc.pid), time.process_time()
@@ -278,7 +299,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="the bundle's model to serve")
     parser.add_argument("--configs", nargs="+", choices=list(BATCHING), default=list(BATCHING))
+    parser.add_argument("--baseline-rev", help="also serve this git revision's mcc-serve, with its defaults")
     args = parser.parse_args()
+    if args.baseline_rev and args.precision != "fp32":
+        parser.error("--baseline-rev serves fp32 (a revision before --precision has no such option)")
+    baseline = f"{args.baseline_rev} defaults"
+    modes = [*args.configs, *([baseline] if args.baseline_rev else [])]
     pngs = digit_pngs()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or make_bundle(Path(tmp))
@@ -291,25 +317,29 @@ def main() -> None:
         try:
             for mode in args.configs:
                 servers[mode] = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
+            if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
+                servers[baseline] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, Path(tmp)))
             results = {}
             for c, per in levels:
-                slices = {mode: [] for mode in args.configs}
+                slices = {mode: [] for mode in servers}
                 references = []
                 for _ in range(args.rounds):
                     references.append(reference.images_per_s(args.reference_seconds))
                     for mode, server in servers.items():
                         slices[mode].append(measure(server, pngs, c, args.seconds / args.rounds, per))
                 references.append(reference.images_per_s(args.reference_seconds))
-                for mode in args.configs:
+                for mode in servers:
                     results[f"{mode}/{c}/{per}"] = combine(slices[mode], references)
                     print(f"concurrency {c}, {per} img/request, {mode}: {results[f'{mode}/{c}/{per}']['rps']:.0f} "
                           f"req/s", file=sys.stderr)  # fmt: skip
         finally:
             for server in servers.values():
                 server.stop()
+    if args.baseline_rev:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)  # its directory is gone
     rows = [[mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
              r.get("server_cpu_ms_per_request", "n/a"), r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
-            for mode in args.configs for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]]  # fmt: skip
+            for mode in modes for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]]  # fmt: skip
 
     def level(mode: str, c: int, per: int = 1) -> dict | None:
         return results.get(f"{mode}/{c}/{per}")
@@ -327,6 +357,9 @@ def main() -> None:
         "concurrency 64: default / 5 ms delay throughput (>= 1)": check(
             level("default", 64) and level("5 ms delay", 64)
             and level("default", 64)["rps"] / level("5 ms delay", 64)["rps"], "concurrency 64"),
+        **{f"concurrency {c}: default / {baseline} throughput (>= 1)": check(
+            level("default", c) and level(baseline, c) and level("default", c)["rps"] / level(baseline, c)["rps"],
+            f"concurrency {c}") for c in (32, 64) if args.baseline_rev},
         "default (one worker), concurrency 64: images/s vs in-process (>= 0.85)": check(
             level("default", 64) and level("default", 64)["vs_in_process"], "default, concurrency 64"),
         "8-image requests: best images/s vs in-process": check(
@@ -344,7 +377,8 @@ def main() -> None:
     check_table = print_table(["target", "measured", "where"], check_rows)
     payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "seconds_per_level": args.seconds,
                "rounds": args.rounds, "precision": args.precision,
-               "configurations": BATCHING, "model_ms_batch1": model_ms, "results": results}  # fmt: skip
+               "configurations": BATCHING, "baseline_rev": args.baseline_rev, "model_ms_batch1": model_ms,
+               "results": results}  # fmt: skip
     write_json(
         "serve_load" if args.precision == "fp32" else f"serve_load_{args.precision}",
         {**payload, "checks": checks, "table": table, "check_table": check_table},

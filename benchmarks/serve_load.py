@@ -9,9 +9,9 @@ off (max batch 1); a 5 ms batching delay (the default before); two worker proces
 each. ``--precision int8`` serves the bundle's model_int8.onnx and runs it in the reference too.
 
 Every configuration's server runs for the whole benchmark, idle but for its turn, and each level is measured in
-``--rounds`` slices taken in turn (the reference, then each configuration, round after round): configurations are
-compared side by side, so the drift of a shared machine's speed (+-20% here over a minute) lands in every one of
-them alike instead of in their ratio. The reference is in-process onnxruntime (decode + preprocess + run, batch
+``--rounds`` slices taken in turn (the reference, then each configuration, a different one first each round, round
+after round): configurations are compared side by side, so the drift of a shared machine's speed (+-20% here over
+a minute) lands in every one of them alike instead of in their ratio. The reference is in-process onnxruntime (decode + preprocess + run, batch
 32, onnxruntime's defaults, no HTTP), measured before each round and after the last with every server idle; a
 level's ratio to in-process is against the mean of those references.
 
@@ -22,7 +22,7 @@ beside the configurations, e.g. the revision before a change to the serving path
 
 Without --bundle it trains resnet18 on digits for one epoch and exports it (about a minute).
 Targets: default at concurrency 1 within 0.5 ms (p50) of batching off; default at concurrency 32 and 64 at least
-the 5 ms delay's throughput; default (one worker) at concurrency 64 >= 0.85x in-process.
+the 5 ms delay's throughput (and the --baseline-rev's); default (one worker) at concurrency 64 >= 0.85x in-process.
 """
 
 from __future__ import annotations
@@ -323,10 +323,12 @@ def main() -> None:
             for c, per in levels:
                 slices = {mode: [] for mode in servers}
                 references = []
-                for _ in range(args.rounds):
+                for round_ in range(args.rounds):
                     references.append(reference.images_per_s(args.reference_seconds))
-                    for mode, server in servers.items():
-                        slices[mode].append(measure(server, pngs, c, args.seconds / args.rounds, per))
+                    order = list(servers)[round_ % len(servers) :] + list(servers)[: round_ % len(servers)]
+                    for mode in order:  # a different configuration first each round: the first after the
+                        # reference ran measurably slower (its onnxruntime threads, the caches)
+                        slices[mode].append(measure(servers[mode], pngs, c, args.seconds / args.rounds, per))
                 references.append(reference.images_per_s(args.reference_seconds))
                 for mode in servers:
                     results[f"{mode}/{c}/{per}"] = combine(slices[mode], references)

@@ -12,6 +12,8 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# KServe's SDK for its API types only (tests/serve/test_deploy.py): without its model server's dependencies
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps kserve==0.21.0
 	touch $@
 
 install: $(BIN)/.installed

@@ -20,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import ServeSettings
 
+MAX_HELD_BYTES = 64 * 1024
 _STATUS = {408: b"408 Request Timeout", 431: b"431 Request Header Fields Too Large"}
 
 
@@ -33,15 +34,19 @@ def limits() -> tuple[int, float, float]:
 class CorkedTransport:
     """A transport that sends what is written within one event-loop turn in one ``write``: uvicorn writes a
     response's status line and headers, then its body, two system calls and two TCP segments for a small JSON
-    answer; corked, one. Everything but ``write``, ``writelines``, ``close`` and ``abort`` goes straight through."""
+    answer; corked, one. At ``MAX_HELD_BYTES`` held it writes at once, so a large answer meets the transport's flow
+    control as before. Everything but writing, closing and aborting goes straight through."""
 
     def __init__(self, transport, loop):
-        self._transport, self._loop, self._held = transport, loop, []
+        self._transport, self._loop, self._held, self._held_bytes = transport, loop, [], 0
 
     def write(self, data) -> None:
         if not self._held:
             self._loop.call_soon(self.flush)
         self._held.append(bytes(data))
+        self._held_bytes += len(self._held[-1])
+        if self._held_bytes >= MAX_HELD_BYTES:  # a large answer: on to the transport and its flow control now
+            self.flush()
 
     def writelines(self, lines) -> None:
         for data in lines:
@@ -50,7 +55,7 @@ class CorkedTransport:
     def flush(self) -> None:
         if self._held:
             data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-            self._held = []
+            self._held, self._held_bytes = [], 0
             if not self._transport.is_closing():
                 self._transport.write(data)
 
@@ -58,12 +63,16 @@ class CorkedTransport:
         self.flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
     def abort(self) -> None:
-        self._held = []
+        self._held, self._held_bytes = [], 0
         self._transport.abort()
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(data) for data in self._held)
+        return self._transport.get_write_buffer_size() + self._held_bytes
 
     def __getattr__(self, name):
         return getattr(self._transport, name)

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from ..deps import Resources, check_api_key, check_image_count, check_ready, infer, load_json
 from ..engine import softmax
-from ..middleware import CLIENT_CLOSED, BodyTooLargeError, client_disconnected
+from ..middleware import CLIENT_CLOSED, BodyTooLargeError, client_disconnected, declared_over
 from ..multipart import MultipartError, read_files
 from ..preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
@@ -151,7 +151,7 @@ def read_head(scope, max_body: int) -> tuple[str, str | None, str | None]:
             content_type = value.decode("latin-1") if content_type is None else content_type
         elif name == b"authorization":
             authorization = value.decode("latin-1") if authorization is None else authorization
-        elif name == b"content-length" and value.isdigit() and int(value) > max_body:
+        elif name == b"content-length" and declared_over(value, max_body):
             raise BodyTooLargeError
     top_k = None
     query = scope.get("query_string", b"")

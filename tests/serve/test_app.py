@@ -191,6 +191,24 @@ def test_limits_return_413(bundle, digit_pngs):
 
         r = c.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413
+
+        # a Content-Length of 5,001 digits (HTTP parsers pass leading zeros): past int()'s digit limit, not a 500
+        for length, status in [("0" * 5000 + "1", 400), ("0" * 5000 + "5000", 413), ("9" * 5001, 413)]:
+            for path in ("/v1/predict", "/v2/models/resnet10t/infer"):
+                r = c.post(path, content=b"{}", headers={"content-type": "application/json", "content-length": length})
+                assert r.status_code == status and "error" in r.json(), (path, length[-8:], r.text)
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_predict_before_the_lifespan_is_503_and_a_missing_token_names_the_scheme(bundle, digit_pngs):
+    files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
+    r = TestClient(create_app(ServeSettings(bundle=str(bundle)))).post("/v1/predict", files=files)  # no lifespan
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "starting" in r.json()["error"]
+    c = client_for(bundle, api_key="s3cret")
+    try:
+        r = c.post("/v1/predict", files=files)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     finally:
         c.__exit__(None, None, None)
 

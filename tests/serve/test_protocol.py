@@ -2,7 +2,7 @@
 
 import asyncio
 
-from mcc_serve.protocol import CorkedTransport
+from mcc_serve.protocol import MAX_HELD_BYTES, CorkedTransport
 
 
 class FakeTransport:
@@ -24,6 +24,9 @@ class FakeTransport:
 
     def get_write_buffer_size(self):
         return 0
+
+    def write_eof(self):
+        self.eof = True
 
     def get_extra_info(self, name, default=None):
         return ("127.0.0.1", 1) if name == "peername" else default
@@ -69,5 +72,21 @@ def test_close_sends_what_is_held_first_and_abort_drops_it():
         fake.closed = True
         await asyncio.sleep(0)
         assert fake.writes == []
+
+    asyncio.run(run())
+
+
+def test_a_large_answer_is_not_held_and_eof_comes_after_what_was_held():
+    async def run():
+        fake = FakeTransport()
+        corked = CorkedTransport(fake, asyncio.get_running_loop())
+        corked.write(b"head")
+        corked.write(bytes(MAX_HELD_BYTES))  # reaches the transport (and its flow control) at once
+        assert fake.writes == [b"head" + bytes(MAX_HELD_BYTES)] and corked.get_write_buffer_size() == 0
+        corked.write(b"tail")
+        corked.write_eof()
+        assert fake.writes[1:] == [b"tail"] and fake.eof
+        await asyncio.sleep(0)
+        assert len(fake.writes) == 2
 
     asyncio.run(run())

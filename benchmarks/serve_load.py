@@ -11,9 +11,10 @@ each. ``--precision int8`` serves the bundle's model_int8.onnx and runs it in th
 Every configuration's server runs for the whole benchmark, idle but for its turn, and each level is measured in
 ``--rounds`` slices taken in turn (the reference, then each configuration, a different one first each round, round
 after round): configurations are compared side by side, so the drift of a shared machine's speed (+-20% here over
-a minute) lands in every one of them alike instead of in their ratio. The reference is in-process onnxruntime (decode + preprocess + run, batch
-32, onnxruntime's defaults, no HTTP), measured before each round and after the last with every server idle; a
-level's ratio to in-process is against the mean of those references.
+a minute) lands in every one of them alike instead of in their ratio. The reference is in-process onnxruntime
+(decode + preprocess + run, batch 32, onnxruntime's defaults, no HTTP), measured before each round and after the
+last with every server idle; a level's ratio to in-process is against the mean of those references. Server CPU is
+also split out for the event loop (each worker's main thread; the model runs on others).
 
     python benchmarks/serve_load.py [--bundle DIR] [--seconds 6] [--rounds 3] [--baseline-rev REV]
 
@@ -141,6 +142,7 @@ class ServerProcess:
             except httpx.TransportError:
                 ready_in_a_row = 0
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError("mcc-serve did not become ready")
 
     def stop(self):
@@ -212,16 +214,20 @@ async def load(url: str, pngs: list[bytes], concurrency: int, seconds: float, pe
     }
 
 
-def cpu_seconds(root: int) -> float | None:
-    """User + system CPU seconds of process ``root`` and its descendants so far (Linux /proc; None elsewhere)."""
+def cpu_seconds(root: int, main_threads: bool = False) -> float | None:
+    """User + system CPU seconds of process ``root`` and its descendants so far (Linux /proc; None elsewhere).
+    ``main_threads``: only each process's main thread, which in an mcc-serve worker runs the event loop (the model,
+    onnxruntime's pool and the preprocessing run on other threads)."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    stats = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+
+    def stat(path: Path) -> tuple[int, float] | None:  # (ppid, CPU seconds)
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+            fields = path.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
         except (OSError, IndexError):
-            continue
-        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            return None
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+
+    stats = {int(path.parent.name): st for path in Path("/proc").glob("[0-9]*/stat") if (st := stat(path))}
     if root not in stats:
         return None
     tree, grew = {root}, True
@@ -231,6 +237,8 @@ def cpu_seconds(root: int) -> float | None:
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 grew = True
+    if main_threads:
+        return sum(st[1] for pid in tree if (st := stat(Path(f"/proc/{pid}/task/{pid}/stat"))))
     return sum(stats[pid][1] for pid in tree)
 
 
@@ -244,11 +252,13 @@ def checkout(rev: str, where: Path) -> Path:
 
 def measure(server: ServerProcess, pngs: list[bytes], concurrency: int, seconds: float, per_request: int) -> dict:
     """One slice of load on one server, with the server's and this process's CPU time over it."""
-    cpu_before, own_before = cpu_seconds(server.proc.pid), time.process_time()
+    cpu_before, loop_before = cpu_seconds(server.proc.pid), cpu_seconds(server.proc.pid, main_threads=True)
+    own_before = time.process_time()
     r = run_load(server.url, pngs, concurrency, seconds, per_request, latencies=True)
-    cpu_after = cpu_seconds(server.proc.pid)
+    r["generator_cpu_s"] = time.process_time() - own_before  # the load alone, not the /proc scans
+    cpu_after, loop_after = cpu_seconds(server.proc.pid), cpu_seconds(server.proc.pid, main_threads=True)
     r["server_cpu_s"] = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    r["generator_cpu_s"] = time.process_time() - own_before
+    r["loop_cpu_s"] = None if loop_before is None or loop_after is None else loop_after - loop_before
     return r
 
 
@@ -269,8 +279,9 @@ def combine(slices: list[dict], references: list[float]) -> dict:
         "in_process_per_round": references,
         "images_per_s_per_round": [s["images_per_s"] for s in slices],
     }
-    if all(s["server_cpu_s"] is not None for s in slices):
-        r["server_cpu_ms_per_request"] = 1000 * sum(s["server_cpu_s"] for s in slices) / max(n, 1)
+    for key in ("server_cpu", "loop_cpu"):  # loop: the event loops (each worker's main thread)
+        if all(s[f"{key}_s"] is not None for s in slices):
+            r[f"{key}_ms_per_request"] = 1000 * sum(s[f"{key}_s"] for s in slices) / max(n, 1)
     r["vs_in_process"] = r["images_per_s"] / in_process
     return r
 
@@ -320,14 +331,15 @@ def main() -> None:
             if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
                 servers[baseline] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, Path(tmp)))
             results = {}
+            turn = 0  # which configuration goes first, counted across levels so that each is first as often
             for c, per in levels:
                 slices = {mode: [] for mode in servers}
                 references = []
-                for round_ in range(args.rounds):
+                for _ in range(args.rounds):
                     references.append(reference.images_per_s(args.reference_seconds))
-                    order = list(servers)[round_ % len(servers) :] + list(servers)[: round_ % len(servers)]
-                    for mode in order:  # a different configuration first each round: the first after the
-                        # reference ran measurably slower (its onnxruntime threads, the caches)
+                    first, turn = turn % len(servers), turn + 1
+                    for mode in list(servers)[first:] + list(servers)[:first]:  # the first after the reference
+                        # ran measurably slower (its onnxruntime threads, the caches)
                         slices[mode].append(measure(servers[mode], pngs, c, args.seconds / args.rounds, per))
                 references.append(reference.images_per_s(args.reference_seconds))
                 for mode in servers:
@@ -337,10 +349,12 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-    if args.baseline_rev:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)  # its directory is gone
+            if args.baseline_rev:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")],
+                               check=False, capture_output=True)  # fmt: skip
     rows = [[mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
-             r.get("server_cpu_ms_per_request", "n/a"), r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
+             r.get("server_cpu_ms_per_request", "n/a"), r.get("loop_cpu_ms_per_request", "n/a"),
+             r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
             for mode in modes for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]]  # fmt: skip
 
     def level(mode: str, c: int, per: int = 1) -> dict | None:
@@ -372,7 +386,7 @@ def main() -> None:
           f"batch 1: "
           f"{model_ms:.2f} ms\n")  # fmt: skip
     headers = ["batching", "concurrency", "img/request", "req/s", "img/s", "p50 ms", "p99 ms", "server CPU ms/req",
-               "in-process img/s", "vs in-process", "errors"]  # fmt: skip
+               "of it, event loop", "in-process img/s", "vs in-process", "errors"]  # fmt: skip
     table = print_table(headers, rows)
     print()
     check_rows = [[k, "n/a", ""] if v is None else [k, f"{v[0]:.2f}", v[1]] for k, v in checks.items()]

@@ -21,9 +21,8 @@ class BodyTooLargeError(Exception):
 class LimitsAndMetrics:
     """ASGI middleware: refuses bodies over the limit (413, even when chunked) and records request metrics."""
 
-    def __init__(self, app, settings: ServeSettings, endpoint: str | None = None):
-        """``endpoint``: the metrics label for every request (default: the path of the FastAPI route matched)."""
-        self.app, self.max_body, self.endpoint = app, settings.max_body_bytes, endpoint
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.max_body = app, settings.max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -59,7 +58,7 @@ class LimitsAndMetrics:
             )
         finally:
             if metrics:
-                endpoint = self.endpoint or getattr(scope.get("route"), "path", "unmatched")
+                endpoint = getattr(scope.get("route"), "path", "unmatched")  # the FastAPI route matched
                 metrics.in_flight.dec()
                 metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
@@ -77,7 +76,11 @@ def json_error(message: str, status: int, headers: dict | None = None) -> JSONRe
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def log_client_gone(path: str) -> None:
+    _logger.info("%s: the client disconnected before sending its whole request", path)
+
+
 def client_disconnected(path: str) -> Response:
     """What a request whose client went away mid-body gets: one log line, and 499 in the metrics (nobody reads it)."""
-    _logger.info("%s: the client disconnected before sending its whole request", path)
+    log_client_gone(path)
     return Response(status_code=CLIENT_CLOSED)

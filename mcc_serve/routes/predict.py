@@ -85,8 +85,7 @@ class PredictApp:
     NOTE: it reads the scope and sends the answer itself, one pass over the headers and two ``send`` calls, instead
     of Starlette's Request, Headers, QueryParams and JSONResponse and the middleware's wrapped receive and send:
     together ~20 us of the event loop per request (measured on direct ASGI calls), the loop being what limits one
-    worker's throughput
-    (benchmarks/serve_load.py).
+    worker's throughput (benchmarks/serve_load.py).
     """
 
     def __init__(self, settings: ServeSettings):

@@ -6,7 +6,9 @@ one-image /v1/predict requests with real digit PNGs at concurrency 1, 8, 32 and 
 concurrency 8, each level for ``--seconds``, and records throughput, p50 and p99. Configurations: mcc-serve's
 defaults (one worker, batches of up to 32, no delay: a request runs at once when the model is idle); batching
 off (max batch 1); a 5 ms batching delay (the default before); two worker processes of one onnxruntime thread
-each. ``--precision int8`` serves the bundle's model_int8.onnx and runs it in the reference too.
+each; and the stack's floor (benchmarks/stack_floor.py: the same uvicorn, batcher and model behind a bare ASGI app,
+none of mcc-serve's limits, auth, metrics or labels), which shows what those features cost. ``--precision int8``
+serves the bundle's model_int8.onnx and runs it in the reference too.
 
 Every configuration's server runs for the whole benchmark, idle but for its turn, and each level is measured in
 ``--rounds`` slices taken in turn (the reference, then each configuration, a different one first each round, round
@@ -55,6 +57,7 @@ BATCHING = {
     "5 ms delay": ["--max-delay-ms", "5"],  # every batch waits 5 ms for company, as the default did before
     "2 workers": ["--workers", "2", "--intra-op-threads", "1"],
 }
+FLOOR = "stack floor"  # benchmarks/stack_floor.py: uvicorn + the batcher and model, none of mcc-serve's features
 
 
 def digit_pngs(n: int = 64) -> list[bytes]:
@@ -122,13 +125,16 @@ FROM_TREE = (
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, args: list[str], tree: Path | None = None):
-        """mcc-serve on ``bundle`` with ``args``; ``tree``: run the mcc_serve of that source tree instead."""
+    def __init__(self, bundle: Path, args: list[str], tree: Path | None = None, floor: bool = False):
+        """mcc-serve on ``bundle`` with ``args``; ``tree``: run the mcc_serve of that source tree instead;
+        ``floor``: benchmarks/stack_floor.py instead of mcc-serve."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         program = [str(BIN / "mcc-serve")] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree)]
+        if floor:
+            program = [sys.executable, str(ROOT / "benchmarks" / "stack_floor.py")]
         cmd = [*program, str(bundle), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         ready_in_a_row = 0  # with several workers, each answers for itself: wait until all of them are warm
@@ -309,13 +315,14 @@ def main() -> None:
     parser.add_argument("--reference-seconds", type=float, default=1.0, help="in-process reference between rounds")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="the bundle's model to serve")
-    parser.add_argument("--configs", nargs="+", choices=list(BATCHING), default=list(BATCHING))
+    parser.add_argument("--configs", nargs="+", choices=[*BATCHING, FLOOR], default=[*BATCHING, FLOOR])
     parser.add_argument("--baseline-rev", help="also serve this git revision's mcc-serve, with its defaults")
     args = parser.parse_args()
     if args.baseline_rev and args.precision != "fp32":
         parser.error("--baseline-rev serves fp32 (a revision before --precision has no such option)")
     baseline = f"{args.baseline_rev} defaults"
-    modes = [*args.configs, *([baseline] if args.baseline_rev else [])]
+    modes = [m for m in args.configs if m != FLOOR or args.precision == "fp32"]
+    modes += [baseline] if args.baseline_rev else []
     pngs = digit_pngs()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or make_bundle(Path(tmp))
@@ -327,6 +334,10 @@ def main() -> None:
         servers = {}
         try:
             for mode in args.configs:
+                if mode == FLOOR:
+                    if args.precision == "fp32":  # it serves model.onnx only
+                        servers[mode] = ServerProcess(bundle, [], floor=True)
+                    continue
                 servers[mode] = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
             if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
                 servers[baseline] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, Path(tmp)))
@@ -378,6 +389,11 @@ def main() -> None:
             f"concurrency {c}") for c in (32, 64) if args.baseline_rev},
         "default (one worker), concurrency 64: images/s vs in-process (>= 0.85)": check(
             level("default", 64) and level("default", 64)["vs_in_process"], "default, concurrency 64"),
+        f"{FLOOR}, concurrency 64: images/s vs in-process": check(
+            level(FLOOR, 64) and level(FLOOR, 64)["vs_in_process"], f"{FLOOR}, concurrency 64"),
+        f"concurrency 64: default / {FLOOR} throughput": check(
+            level("default", 64) and level(FLOOR, 64) and level("default", 64)["rps"] / level(FLOOR, 64)["rps"],
+            "concurrency 64"),
         "8-image requests: best images/s vs in-process": check(
             max((r["vs_in_process"] for k, r in results.items() if k.endswith("/8/8")), default=None), "concurrency 8"),
     }  # fmt: skip
@@ -393,7 +409,8 @@ def main() -> None:
     check_table = print_table(["target", "measured", "where"], check_rows)
     payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "seconds_per_level": args.seconds,
                "rounds": args.rounds, "precision": args.precision,
-               "configurations": BATCHING, "baseline_rev": args.baseline_rev, "model_ms_batch1": model_ms,
+               "configurations": {**BATCHING, FLOOR: "benchmarks/stack_floor.py"}, "baseline_rev": args.baseline_rev,
+               "model_ms_batch1": model_ms,
                "results": results}  # fmt: skip
     write_json(
         "serve_load" if args.precision == "fp32" else f"serve_load_{args.precision}",

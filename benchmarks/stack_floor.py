@@ -1,0 +1,82 @@
+"""The serving stack's floor: what uvicorn, Pillow, the dynamic batcher and onnxruntime reach without mcc-serve.
+
+A bare ASGI app under the same uvicorn (httptools, uvloop, no access log) does only what answering
+/v1/predict cannot do without: read the body, take the files out of the multipart body, decode and preprocess
+them (mcc_serve.preprocess), run them through the same DynamicBatcher and onnxruntime session (mcc_serve.engine,
+same session options) and answer each image's top-1 class index as JSON. Everything else mcc-serve does is left
+out: body, header and slow-client limits, auth, readiness, top_k, labels and probabilities, metrics, request
+deadlines and error answers (a bad request here is a 500). It is a benchmark configuration, not a server:
+``benchmarks/serve_load.py`` runs it beside mcc-serve so that the cost of those features shows in one run.
+
+    python benchmarks/stack_floor.py BUNDLE --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import uvicorn  # noqa: E402
+
+from mcc_serve.batcher import DynamicBatcher  # noqa: E402
+from mcc_serve.engine import Engine  # noqa: E402
+from mcc_serve.multipart import read_files  # noqa: E402
+from mcc_serve.preprocess import Preprocessor  # noqa: E402
+
+
+def make_app(bundle: str, max_batch_size: int = 32):
+    engine = Engine.load(bundle)
+    engine.warmup(3, (1, max_batch_size))
+    preprocess = Preprocessor.from_model_json(engine.meta, 10**8)
+    batcher = DynamicBatcher(engine.run, max_batch_size)
+    json_headers = [(b"content-type", b"application/json")]
+
+    async def answer(send, status: int, body: bytes) -> None:
+        headers = [(b"content-length", str(len(body)).encode()), *json_headers]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    batcher.start()
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await batcher.stop()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["method"] != "POST":  # readiness probes: the model is warm before uvicorn starts
+            await answer(send, 200, b"{}")
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        content_type = next(v for k, v in scope["headers"] if k == b"content-type").decode("latin-1")
+        files = read_files(b"".join(chunks), content_type, 64)
+        x = preprocess.load_many([preprocess.decode_header(data) for _, data in files])  # (N, C, H, W)
+        logits = await batcher.submit(x, 10.0)  # (N, num_classes)
+        top1 = ",".join(f'{{"index":{j}}}' for j in logits.argmax(axis=1).tolist())
+        await answer(send, 200, f'{{"predictions":[{top1}]}}'.encode())
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    uvicorn.run(make_app(args.bundle), host="127.0.0.1", port=args.port, http="httptools", loop="uvloop",
+                access_log=False, log_level="warning", server_header=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

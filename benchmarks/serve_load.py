@@ -127,7 +127,8 @@ FROM_TREE = (
 class ServerProcess:
     def __init__(self, bundle: Path, args: list[str], tree: Path | None = None, floor: bool = False):
         """mcc-serve on ``bundle`` with ``args``; ``tree``: run the mcc_serve of that source tree instead;
-        ``floor``: benchmarks/stack_floor.py instead of mcc-serve."""
+        ``floor``: benchmarks/stack_floor.py (of this tree) instead of mcc-serve."""
+        self.name = "benchmarks/stack_floor.py" if floor else "mcc-serve"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -149,7 +150,7 @@ class ServerProcess:
                 ready_in_a_row = 0
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError("mcc-serve did not become ready")
+        raise RuntimeError(f"{self.name} did not become ready")
 
     def stop(self):
         self.proc.terminate()
@@ -321,8 +322,7 @@ def main() -> None:
     if args.baseline_rev and args.precision != "fp32":
         parser.error("--baseline-rev serves fp32 (a revision before --precision has no such option)")
     baseline = f"{args.baseline_rev} defaults"
-    modes = [m for m in args.configs if m != FLOOR or args.precision == "fp32"]
-    modes += [baseline] if args.baseline_rev else []
+    modes = [*args.configs, *([baseline] if args.baseline_rev else [])]
     pngs = digit_pngs()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or make_bundle(Path(tmp))
@@ -334,11 +334,8 @@ def main() -> None:
         servers = {}
         try:
             for mode in args.configs:
-                if mode == FLOOR:
-                    if args.precision == "fp32":  # it serves model.onnx only
-                        servers[mode] = ServerProcess(bundle, [], floor=True)
-                    continue
-                servers[mode] = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
+                precision = ["--precision", args.precision]
+                servers[mode] = ServerProcess(bundle, [*BATCHING.get(mode, []), *precision], floor=mode == FLOOR)
             if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
                 servers[baseline] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, Path(tmp)))
             results = {}
@@ -394,8 +391,9 @@ def main() -> None:
         f"concurrency 64: default / {FLOOR} throughput": check(
             level("default", 64) and level(FLOOR, 64) and level("default", 64)["rps"] / level(FLOOR, 64)["rps"],
             "concurrency 64"),
-        "8-image requests: best images/s vs in-process": check(
-            max((r["vs_in_process"] for k, r in results.items() if k.endswith("/8/8")), default=None), "concurrency 8"),
+        "8-image requests: best images/s vs in-process (mcc-serve)": check(
+            max((r["vs_in_process"] for k, r in results.items() if k.endswith("/8/8") and k.split("/")[0] in BATCHING),
+                default=None), "concurrency 8"),
     }  # fmt: skip
     print(f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; in-process: decode + "
           f"preprocess + onnxruntime at batch 32, measured before each round and after the last; model latency at "
@@ -409,7 +407,8 @@ def main() -> None:
     check_table = print_table(["target", "measured", "where"], check_rows)
     payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "seconds_per_level": args.seconds,
                "rounds": args.rounds, "precision": args.precision,
-               "configurations": {**BATCHING, FLOOR: "benchmarks/stack_floor.py"}, "baseline_rev": args.baseline_rev,
+               "configurations": {m: BATCHING.get(m, "benchmarks/stack_floor.py") for m in args.configs},
+               "baseline_rev": args.baseline_rev,
                "model_ms_batch1": model_ms,
                "results": results}  # fmt: skip
     write_json(

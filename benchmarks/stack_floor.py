@@ -1,34 +1,46 @@
 """The serving stack's floor: what uvicorn, Pillow, the dynamic batcher and onnxruntime reach without mcc-serve.
 
-A bare ASGI app under the same uvicorn (httptools, uvloop, no access log) does only what answering
-/v1/predict cannot do without: read the body, take the files out of the multipart body, decode and preprocess
+A bare ASGI app under the same uvicorn (httptools, uvloop, no access log, each answer in one write as
+mcc_serve.protocol.CorkedTransport sends it, the heap frozen after start-up) does only what answering /v1/predict
+cannot do without: read the body, take the files out of the multipart body, decode and preprocess
 them (mcc_serve.preprocess), run them through the same DynamicBatcher and onnxruntime session (mcc_serve.engine,
 same session options) and answer each image's top-1 class index as JSON. Everything else mcc-serve does is left
 out: body, header and slow-client limits, auth, readiness, top_k, labels and probabilities, metrics, request
 deadlines and error answers (a bad request here is a 500). It is a benchmark configuration, not a server:
 ``benchmarks/serve_load.py`` runs it beside mcc-serve so that the cost of those features shows in one run.
 
-    python benchmarks/stack_floor.py BUNDLE --port 8000
+    python benchmarks/stack_floor.py BUNDLE --port 8000 [--precision int8]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import uvicorn  # noqa: E402
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
 
 from mcc_serve.batcher import DynamicBatcher  # noqa: E402
 from mcc_serve.engine import Engine  # noqa: E402
 from mcc_serve.multipart import read_files  # noqa: E402
 from mcc_serve.preprocess import Preprocessor  # noqa: E402
+from mcc_serve.protocol import CorkedTransport  # noqa: E402
 
 
-def make_app(bundle: str, max_batch_size: int = 32):
-    engine = Engine.load(bundle)
+class CorkedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with mcc-serve's one write per answer, without its header and slow-client
+    limits (mcc_serve.protocol.BoundedHttpToolsProtocol)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(CorkedTransport(transport, self.loop))
+
+
+def make_app(bundle: str, max_batch_size: int = 32, precision: str = "fp32"):
+    engine = Engine.load(bundle, precision=precision)
     engine.warmup(3, (1, max_batch_size))
     preprocess = Preprocessor.from_model_json(engine.meta, 10**8)
     batcher = DynamicBatcher(engine.run, max_batch_size)
@@ -44,6 +56,8 @@ def make_app(bundle: str, max_batch_size: int = 32):
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    gc.collect()  # as mcc-serve's lifespan: the start-up's objects out of the collector's way
+                    gc.freeze()
                     batcher.start()
                     await send({"type": "lifespan.startup.complete"})
                 else:
@@ -73,8 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="the bundle's model to serve")
     args = parser.parse_args()
-    uvicorn.run(make_app(args.bundle), host="127.0.0.1", port=args.port, http="httptools", loop="uvloop",
+    app = make_app(args.bundle, precision=args.precision)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, http=CorkedHttpToolsProtocol, loop="uvloop",
                 access_log=False, log_level="warning", server_header=False)  # fmt: skip
 
 

@@ -8,6 +8,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from mcc_serve.engine import Engine
+from mcc_serve.preprocess import Preprocessor
+
 from ..conftest import REPO
 from .test_app import client_for
 
@@ -32,9 +35,14 @@ def test_the_stack_floor_answers_the_top1_mcc_serve_gives(bundle, digit_pngs):
         want = [p["top_k"][0]["index"] for p in serve.post("/v1/predict?top_k=1", files=files).json()["predictions"]]
     finally:
         serve.__exit__(None, None, None)
-    assert len(want) == 60 and len(set(want)) >= 2
     with TestClient(load_floor().make_app(str(bundle), max_batch_size=4)) as floor:  # runs its lifespan
-        one_each = [floor.post("/", files=[f]).json()["predictions"] for f in files]
-        together = floor.post("/", files=files).json()["predictions"]
-    assert [p[0]["index"] for p in one_each] == want
-    assert [p["index"] for p in together] == want
+        one_each = [floor.post("/", files=[f]).json()["predictions"][0]["index"] for f in files]
+        together = [p["index"] for p in floor.post("/", files=files).json()["predictions"]]
+    # images whose top two logits are apart: batch size and softmax rounding cannot swap their order
+    engine = Engine.load(bundle)
+    pre = Preprocessor.from_model_json(engine.meta, 10**8)
+    top2 = np.sort(engine.run(np.stack([pre.load(p) for p in pngs])), axis=1)[:, -2:]  # (N, 2)
+    clear = np.flatnonzero(top2[:, 1] - top2[:, 0] > 1e-3)
+    assert len(want) == len(pngs) and len(clear) >= len(pngs) // 2 and len({want[i] for i in clear}) >= 2
+    assert [one_each[i] for i in clear] == [want[i] for i in clear]
+    assert [together[i] for i in clear] == [want[i] for i in clear]

@@ -133,9 +133,12 @@ class ServerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        program = [str(BIN / "mcc-serve")] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree)]
         if floor:
             program = [sys.executable, str(ROOT / "benchmarks" / "stack_floor.py")]
+        elif tree is not None:
+            program = [sys.executable, "-c", FROM_TREE, str(tree)]
+        else:
+            program = [str(BIN / "mcc-serve")]
         cmd = [*program, str(bundle), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         ready_in_a_row = 0  # with several workers, each answers for itself: wait until all of them are warm
@@ -334,8 +337,8 @@ def main() -> None:
         servers = {}
         try:
             for mode in args.configs:
-                precision = ["--precision", args.precision]
-                servers[mode] = ServerProcess(bundle, [*BATCHING.get(mode, []), *precision], floor=mode == FLOOR)
+                flags = [*BATCHING.get(mode, []), "--precision", args.precision]
+                servers[mode] = ServerProcess(bundle, flags, floor=mode == FLOOR)
             if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
                 servers[baseline] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, Path(tmp)))
             results = {}

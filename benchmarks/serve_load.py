@@ -87,8 +87,8 @@ class InProcess:
     def __init__(self, bundle: Path, pngs: list[bytes], batch: int = 32, precision: str = "fp32"):
         import onnxruntime as ort
 
-        from mcc_serve.bundle import onnx_file
-        from mcc_serve.preprocess import Preprocessor
+        from mcc_serve.runtime.bundle import onnx_file
+        from mcc_serve.runtime.preprocess import Preprocessor
 
         meta = json.loads((bundle / "model.json").read_text())
         self.pre, self.pngs, self.batch = Preprocessor.from_model_json(meta, 10**8), pngs, batch

@@ -3,7 +3,7 @@
 A bare ASGI app under the same uvicorn (httptools, uvloop, no access log, each answer in one write as
 mcc_serve.protocol.CorkedTransport sends it, the heap frozen after start-up) does only what answering /v1/predict
 cannot do without: read the body, take the files out of the multipart body, decode and preprocess
-them (mcc_serve.preprocess), run them through the same DynamicBatcher and onnxruntime session (mcc_serve.engine,
+them (mcc_serve.runtime.preprocess), run them through the same DynamicBatcher and onnxruntime session (mcc_serve.runtime.engine,
 same session options) and answer each image's top-1 class index as JSON. Everything else mcc-serve does is left
 out: body, header and slow-client limits, auth, readiness, top_k, labels and probabilities, metrics, request
 deadlines and error answers (a bad request here is a 500). It is a benchmark configuration, not a server:
@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import uvicorn  # noqa: E402
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
 
-from mcc_serve.batcher import DynamicBatcher  # noqa: E402
-from mcc_serve.engine import Engine  # noqa: E402
 from mcc_serve.multipart import read_files  # noqa: E402
-from mcc_serve.preprocess import Preprocessor  # noqa: E402
 from mcc_serve.protocol import CorkedTransport  # noqa: E402
+from mcc_serve.runtime.batcher import DynamicBatcher  # noqa: E402
+from mcc_serve.runtime.engine import Engine  # noqa: E402
+from mcc_serve.runtime.preprocess import Preprocessor  # noqa: E402
 
 
 class CorkedHttpToolsProtocol(HttpToolsProtocol):

@@ -1,7 +1,7 @@
 """The model bundle on disk, written atomically into a staged directory.
 
-The bundle's file names and model.json's schema live in ``mcc_serve.bundle`` (torch-free, shared with the server,
-which documents every file): the exporter writes through it and ``mcc-export --verify`` reads through it.
+The bundle's file names and model.json's schema live in ``mcc_serve.runtime.bundle`` (torch-free, shared with
+the server, which documents every file): the exporter writes through it and ``mcc-export --verify`` reads through it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mcc_serve import bundle as schema
-from mcc_serve.bundle import (
+from mcc_serve.runtime.bundle import (
     CONFIG_JSON,
     FP16_FILE,
     INT8_FILE,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcc_serve.bundle import WEIGHTS
+from mcc_serve.runtime.bundle import WEIGHTS
 from mcc_train import UsageError, classifier_path, create_model, load_checkpoint
 from mcc_train.head import MC_PRESETS, MCSettings
 from mcc_train.margins import CosineLinear, make_margin
@@ -75,7 +75,7 @@ class LoadedCheckpoint:
         return dict(self.ckpt.get(METRICS_KEYS[self.weights], {}))
 
 
-# the checkpoint keys of each choice of weights (``mcc_serve.bundle.WEIGHTS``): the state_dict and its metrics
+# the checkpoint keys of each choice of weights (``mcc_serve.runtime.bundle.WEIGHTS``): the state_dict and its metrics
 STATE_KEYS = {"model": "model", "ema": "model_ema"}
 METRICS_KEYS = {"model": "metrics", "ema": "metrics_ema"}
 

@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mcc_serve.bundle import PRECISIONS, BundleError
-from mcc_serve.engine import softmax
-from mcc_serve.offline import (
+from mcc_serve.runtime.bundle import BundleError
+from mcc_serve.runtime.choices import PRECISIONS
+from mcc_serve.runtime.engine import softmax
+from mcc_serve.runtime.offline import (
     MAX_PIXELS,
     InputError,
     OfflineModel,
@@ -35,7 +36,7 @@ from mcc_serve.offline import (
     preprocess_batches,
     top_k,
 )
-from mcc_serve.preprocess import Preprocessor
+from mcc_serve.runtime.preprocess import Preprocessor
 from mcc_train import UsageError
 from mcc_train.checkpoint import atomic_write
 from mcc_train.data import ArrayDataset, FolderDataset, build_transforms, load_data

@@ -17,8 +17,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from mcc_serve.bundle import BundleError
-from mcc_serve.offline import (
+from mcc_serve.runtime.bundle import BundleError
+from mcc_serve.runtime.offline import (
     IMAGE_SUFFIXES,
     InputError,
     OfflineModel,

@@ -469,8 +469,8 @@ def check_int8(report: Report, bundle: Path, meta: dict, loaded: LoadedCheckpoin
     """model_int8.onnx takes and gives what model.json says, and names the fp32 model's class on at least
     ``INT8_MIN_AGREEMENT`` of up to ``INT8_CHECK_IMAGES`` validation images (a quantized model is compared by its
     answers, not to 1e-5)."""
-    from mcc_serve.engine import BundleError
-    from mcc_serve.engine import check_graph as check_served_graph
+    from mcc_serve.runtime.engine import BundleError
+    from mcc_serve.runtime.engine import check_graph as check_served_graph
 
     int8 = session(bundle / INT8_FILE)
     try:

@@ -10,8 +10,8 @@ import tempfile
 
 from pydantic import ValidationError
 
-from .engine import BundleError, Engine, providers_for
 from .protocol import BoundedHttpToolsProtocol
+from .runtime.engine import BundleError, Engine, providers_for
 from .settings import ServeSettings
 
 EPILOG = """every option can also be set as an environment variable: --max-batch-size 64 is MCC_MAX_BATCH_SIZE=64,

@@ -18,10 +18,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from .batcher import DynamicBatcher, QueueFullError, TooManyImagesError
-from .engine import Engine
 from .metrics import Metrics
-from .preprocess import Preprocessor
+from .runtime.batcher import DynamicBatcher, QueueFullError, TooManyImagesError
+from .runtime.engine import Engine
+from .runtime.preprocess import Preprocessor
 from .settings import ServeSettings
 
 

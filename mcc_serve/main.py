@@ -21,13 +21,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .batcher import DynamicBatcher
 from .deps import Resources, require_api_key
-from .engine import BundleError, Engine
 from .metrics import Metrics
 from .middleware import LimitsAndMetrics, client_disconnected, json_error
-from .preprocess import Preprocessor
 from .routes import predict, v2
+from .runtime.batcher import DynamicBatcher
+from .runtime.engine import BundleError, Engine
+from .runtime.preprocess import Preprocessor
 from .schemas import ErrorResponse
 from .settings import ServeSettings
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from .engine import BundleError, Engine
+from .runtime.engine import BundleError, Engine
 from .settings import ServeSettings
 
 

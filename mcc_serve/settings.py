@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .bundle import PRECISIONS
+from .runtime.choices import PRECISIONS
 
 
 class ServeSettings(BaseSettings):

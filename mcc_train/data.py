@@ -54,7 +54,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
     """A high-bit-depth image as the 8-bit ``L`` image an 8-bit copy of it holds; other modes unchanged.
 
     Integer modes are read as 16-bit (0..65535 -> 0..255, i.e. round(v / 257)), ``F`` as 0..1 floats; Pillow's
-    ``convert("L")`` would clip them at 255. The serving preprocessing (``mcc_serve.preprocess.to_8bit``, which
+    ``convert("L")`` would clip them at 255. The serving preprocessing (``mcc_serve.runtime.preprocess.to_8bit``, which
     cannot import this package) applies the same rule; a test holds the two to the same pixels.
     """
     if img.mode not in HIGH_BIT_MODES:

@@ -24,10 +24,10 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
 from ..deps import Resources, check_api_key, check_image_count, check_ready, infer, load_json
-from ..engine import softmax
 from ..middleware import CLIENT_CLOSED, BodyTooLargeError, declared_over, log_client_gone
 from ..multipart import MultipartError, read_files
-from ..preprocess import ImageError
+from ..runtime.engine import softmax
+from ..runtime.preprocess import ImageError
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse
 from ..settings import ServeSettings
 

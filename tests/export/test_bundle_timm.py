@@ -19,7 +19,7 @@ from export.bundle import sha256_file
 from export.cli import main
 from export.collapse import collapsed_state_dict, load_trained
 from export.exporter import PROVENANCE_KEYS
-from mcc_serve.bundle import read_model_json
+from mcc_serve.runtime.bundle import read_model_json
 from mcc_train import save_checkpoint
 from mcc_train.checkpoint import load_checkpoint
 

@@ -15,8 +15,8 @@ from sklearn.datasets import load_digits
 from export import ExportConfig, export_checkpoint
 from export.eval_cli import main as eval_main
 from export.predict_cli import main as predict_main
-from mcc_serve.engine import softmax
-from mcc_serve.preprocess import Preprocessor
+from mcc_serve.runtime.engine import softmax
+from mcc_serve.runtime.preprocess import Preprocessor
 
 from ..conftest import PYTHON, REPO, make_imagefolder
 

@@ -91,7 +91,7 @@ def test_mcc_serve_runs_the_int8_model(int8_bundle):
     answer = client.post("/v1/predict?top_k=10", files=files)
     assert answer.status_code == 200
     client.__exit__(None, None, None)
-    from mcc_serve.preprocess import Preprocessor
+    from mcc_serve.runtime.preprocess import Preprocessor
 
     meta = json.loads((int8_bundle / "model.json").read_text())
     pre = Preprocessor.from_model_json(meta, 10**8)

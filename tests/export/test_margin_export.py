@@ -23,7 +23,7 @@ from export.cli import main
 from export.onnx_graph import count_flops, export_onnx, graph_signature
 from mcc_serve import bundle as schema
 from mcc_serve.main import create_app
-from mcc_serve.preprocess import Preprocessor
+from mcc_serve.runtime.preprocess import Preprocessor
 from mcc_serve.settings import ServeSettings
 from mcc_train.checkpoint import load_checkpoint
 from mcc_train.cli import main as train_main

@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 from PIL import Image
 
 from mcc_serve.main import create_app
-from mcc_serve.preprocess import Preprocessor
+from mcc_serve.runtime.preprocess import Preprocessor
 from mcc_serve.settings import ServeSettings
 
 
@@ -253,7 +253,7 @@ def test_overload_timeout_and_model_failure(bundle, digit_pngs):
 
 
 def test_not_ready_until_the_warm_up_is_done(bundle, digit_pngs, monkeypatch):
-    from mcc_serve.engine import Engine
+    from mcc_serve.runtime.engine import Engine
 
     release = threading.Event()
     real_warmup = Engine.warmup

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from mcc_serve.batcher import DynamicBatcher, QueueFullError
+from mcc_serve.runtime.batcher import DynamicBatcher, QueueFullError
 
 
 class Model:

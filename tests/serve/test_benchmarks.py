@@ -8,8 +8,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mcc_serve.engine import Engine
-from mcc_serve.preprocess import Preprocessor
+from mcc_serve.runtime.engine import Engine
+from mcc_serve.runtime.preprocess import Preprocessor
 
 from ..conftest import REPO
 from .test_app import client_for

@@ -8,7 +8,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from mcc_serve import preprocess
-from mcc_serve.preprocess import ImageError, Preprocessor
+from mcc_serve.runtime.preprocess import ImageError, Preprocessor
 
 EXTREME = [(9, 700), (900, 7), (3, 260)]  # aspect ratios far from any photo's
 MAX_LEVELS = 8  # the box resize's largest difference to timm, in grey levels (measured: 7, mean 0.03-0.05)

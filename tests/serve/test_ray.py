@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mcc_serve.preprocess import Preprocessor
+from mcc_serve.runtime.preprocess import Preprocessor
 
 from .conftest import free_port
 

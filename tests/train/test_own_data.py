@@ -6,8 +6,8 @@ import torch
 import yaml
 from PIL import Image
 
-from mcc_serve.preprocess import Preprocessor
-from mcc_serve.preprocess import to_8bit as serve_to_8bit
+from mcc_serve.runtime.preprocess import Preprocessor
+from mcc_serve.runtime.preprocess import to_8bit as serve_to_8bit
 from mcc_train import UsageError
 from mcc_train.checkpoint import load_checkpoint
 from mcc_train.cli import main

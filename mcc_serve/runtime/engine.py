@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError, onnx_file, read_model_json
+from .session import create_session, providers_for
 
 __all__ = ["BundleError", "Engine", "providers_for", "read_bundle", "softmax"]
 
@@ -53,15 +54,6 @@ def check_graph(session: ort.InferenceSession, meta: dict, where: str) -> None:
                           f"{meta['num_classes']} classes")  # fmt: skip
 
 
-def providers_for(device: str) -> list[str]:
-    available = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise BundleError("--device cuda: onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu")
-    if device != "cpu" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 @dataclass
 class Engine:
     """One InferenceSession; ``run`` is thread-safe and called off the event loop."""
@@ -83,18 +75,7 @@ class Engine:
     ):
         meta = read_bundle(bundle, precision)
         name = onnx_file(precision)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = inter_op_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # NOTE: idle onnxruntime pool threads spin by default; on a server that shares its cores with HTTP work
-        # that spinning cost 2.6 ms of CPU per request (benchmarks/serve_load.py, resnet18, 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        try:
-            session = ort.InferenceSession(str(Path(bundle) / name), opts, providers=providers_for(device))
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise BundleError(f"{bundle}/{name}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        session = create_session(Path(bundle) / name, device, intra_op_threads, inter_op_threads)
         check_graph(session, meta, f"{bundle}/{name}")
         _logger.info("loaded %s (%s, %s) on %s", meta.get("arch"), bundle, name, session.get_providers()[0])
         return cls(session, meta, meta["input"]["name"], meta["output"]["name"], precision)

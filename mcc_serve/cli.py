@@ -11,7 +11,9 @@ import tempfile
 from pydantic import ValidationError
 
 from .protocol import BoundedHttpToolsProtocol
-from .runtime.engine import BundleError, Engine, providers_for
+from .runtime.bundle import BundleError
+from .runtime.service import load_bundle, run_zeros
+from .runtime.session import providers_for
 from .settings import ServeSettings
 
 EPILOG = """every option can also be set as an environment variable: --max-batch-size 64 is MCC_MAX_BATCH_SIZE=64,
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         # the whole start-up check here, before any worker starts: a bundle that fails it exits 2, with N workers too.
         # On the CPU: the supervisor process must not hold a CUDA context for the life of the server.
         providers_for(settings.device)
-        Engine.load(settings.bundle, "cpu", 1, 1, settings.precision).warmup(1)
+        run_zeros(load_bundle(settings.bundle, "cpu", settings.precision, 1, 1))
     except BundleError as e:
         print(f"mcc-serve: error: {e}", file=sys.stderr)
         return 2
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # mcc_serve's own lines (ready, client gone, unhandled errors) through uvicorn's handler, at its level
     level = settings.log_level.upper().replace("TRACE", "DEBUG")
-    log_config = {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "mcc_serve": {
-        "handlers": ["default"], "level": level, "propagate": False}}}  # fmt: skip
+    loggers = {**LOGGING_CONFIG["loggers"], "mcc_serve": {"handlers": ["default"], "level": level, "propagate": False}}
+    log_config = {**LOGGING_CONFIG, "loggers": loggers}
 
     metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout_keep_alive=settings.keep_alive_s,
             timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
             server_header=False,  # no "server: uvicorn" on every answer: it tells a scanner what to try
-            access_log=settings.access_log,  # off by default: ~0.05 ms of CPU a request (benchmarks/serve_load.py)
+            access_log=settings.access_log,  # off by default: /metrics counts requests without a line each
         )
     finally:
         if metrics_dir:

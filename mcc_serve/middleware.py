@@ -1,17 +1,13 @@
-"""The ASGI middleware in front of every endpoint: body limit (413), request metrics, and JSON errors."""
+"""The ASGI middleware in front of every route: HEAD answered as GET without a body, the body limit (413), and
+request metrics."""
 
 from __future__ import annotations
 
-import logging
 import time
 
-from starlette.responses import JSONResponse, Response
-
+from .errors import json_error
 from .metrics import Metrics
 from .settings import ServeSettings
-
-CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer: counted apart from 5xx
-_logger = logging.getLogger("mcc_serve")
 
 
 class BodyTooLargeError(Exception):
@@ -19,7 +15,7 @@ class BodyTooLargeError(Exception):
 
 
 class LimitsAndMetrics:
-    """ASGI middleware: refuses bodies over the limit (413, even when chunked) and records request metrics."""
+    """Refuses bodies over the limit (413, chunked ones too) and records every request's status and latency."""
 
     def __init__(self, app, settings: ServeSettings):
         self.app, self.max_body = app, settings.max_body_bytes
@@ -27,7 +23,7 @@ class LimitsAndMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        metrics: Metrics | None = getattr(getattr(scope["app"].state, "resources", None), "metrics", None)
+        metrics: Metrics | None = getattr(scope["app"].state, "metrics", None)
         status, started, received = 500, time.perf_counter(), 0
 
         async def limited_receive():
@@ -53,12 +49,11 @@ class LimitsAndMetrics:
                 raise BodyTooLargeError
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLargeError:
-            await json_error(f"request body over the limit of {self.max_body:,} bytes", 413)(
-                scope, receive, tracking_send
-            )
+            message = f"request body over the limit of {self.max_body:,} bytes"
+            await json_error(message, 413)(scope, receive, tracking_send)
         finally:
             if metrics:
-                endpoint = getattr(scope.get("route"), "path", "unmatched")  # the FastAPI route matched
+                endpoint = getattr(scope.get("route"), "path", "unmatched")  # the route matched
                 metrics.in_flight.dec()
                 metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
@@ -72,15 +67,20 @@ def declared_over(content_length: bytes, max_body: int) -> bool:
     return len(digits) > len(str(max_body)) or int(digits or b"0") > max_body
 
 
-def json_error(message: str, status: int, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class HeadAsGet:
+    """HEAD on any route answers as GET would, without the body (health checks and probes use HEAD)."""
 
+    def __init__(self, app):
+        self.app = app
 
-def log_client_gone(path: str) -> None:
-    _logger.info("%s: the client disconnected before sending its whole request", path)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
 
+        async def head_send(message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not message.get("more_body", False):
+                await send({"type": "http.response.body", "body": b""})
 
-def client_disconnected(path: str) -> Response:
-    """What a request whose client went away mid-body gets: one log line, and 499 in the metrics (nobody reads it)."""
-    log_client_gone(path)
-    return Response(status_code=CLIENT_CLOSED)
+        await self.app({**scope, "method": "GET"}, receive, head_send)

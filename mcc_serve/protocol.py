@@ -20,7 +20,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import ServeSettings
 
-MAX_HELD_BYTES = 64 * 1024
 _STATUS = {408: b"408 Request Timeout", 431: b"431 Request Header Fields Too Large"}
 
 
@@ -31,56 +30,9 @@ def limits() -> tuple[int, float, float]:
     return s.max_header_bytes, s.header_timeout_s, s.body_timeout_s
 
 
-class CorkedTransport:
-    """A transport that sends what is written within one event-loop turn in one ``write``: uvicorn writes a
-    response's status line and headers, then its body, two system calls and two TCP segments for a small JSON
-    answer; corked, one. At ``MAX_HELD_BYTES`` held it writes at once, so a large answer meets the transport's flow
-    control as before. Everything but writing, closing and aborting goes straight through."""
-
-    def __init__(self, transport, loop):
-        self._transport, self._loop, self._held, self._held_bytes = transport, loop, [], 0
-
-    def write(self, data) -> None:
-        if not self._held:
-            self._loop.call_soon(self.flush)
-        self._held.append(bytes(data))
-        self._held_bytes += len(self._held[-1])
-        if self._held_bytes >= MAX_HELD_BYTES:  # a large answer: on to the transport and its flow control now
-            self.flush()
-
-    def writelines(self, lines) -> None:
-        for data in lines:
-            self.write(data)
-
-    def flush(self) -> None:
-        if self._held:
-            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-            self._held, self._held_bytes = [], 0
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def write_eof(self) -> None:
-        self.flush()
-        self._transport.write_eof()
-
-    def abort(self) -> None:
-        self._held, self._held_bytes = [], 0
-        self._transport.abort()
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + self._held_bytes
-
-    def __getattr__(self, name):
-        return getattr(self._transport, name)
-
-
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
-        super().connection_made(CorkedTransport(transport, self.loop))
+        super().connection_made(transport)
         self._max_head, self._head_timeout, self._body_timeout = limits()
         self._head_bytes, self._tail, self._reading_head = 0, b"", True
         self._timer = self.loop.call_later(self._head_timeout, self._too_slow, "headers")

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from .runtime.engine import BundleError, Engine
+from .runtime.bundle import BundleError
+from .runtime.service import load_bundle, run_zeros
 from .settings import ServeSettings
 
 
@@ -68,8 +69,8 @@ class MccServe:
 
     def check_health(self) -> None:
         """Ray's health check: a replica whose batcher has stopped is replaced (the model itself ran at warm-up)."""
-        resources = getattr(self.mcc_app.state, "resources", None)
-        task = getattr(getattr(resources, "batcher", None), "_task", None)
+        classifier = getattr(self.mcc_app.state, "classifier", None)
+        task = getattr(getattr(classifier, "batcher", None), "_task", None)
         if task is not None and task.done():
             raise RuntimeError("the replica's batcher has stopped")
 
@@ -92,7 +93,7 @@ def build(args: dict) -> Application:
     if unknown:
         raise ValueError(f"unknown argument(s) {sorted(unknown)}; mcc-serve's settings and {sorted(ray_keys)} apply")
     try:
-        Engine.load(settings.bundle, "cpu", 1, 1, settings.precision).warmup(1)
+        run_zeros(load_bundle(settings.bundle, "cpu", settings.precision, 1, 1))
     except BundleError as e:
         raise ValueError(str(e)) from None
     plain = settings.model_dump(exclude={"api_key"})

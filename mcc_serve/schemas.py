@@ -90,3 +90,22 @@ class InferResponse(BaseModel):
     outputs: list[InferOutputTensor]
 
     model_config = {"protected_namespaces": ()}
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """``model``'s JSON schema with its nested models written in place: for a route that reads its raw body (and so
+    gets no component schemas from FastAPI) to document that body in ``openapi_extra``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def expand(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return expand(defs[ref.removeprefix("#/$defs/")])
+            return {k: expand(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [expand(v) for v in node]
+        return node
+
+    return expand(schema)

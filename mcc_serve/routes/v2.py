@@ -8,11 +8,19 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from pydantic.json_schema import models_json_schema
 
 from .. import __version__
-from ..deps import Resources, check_image_count, get_resources, infer, load_json, require_api_key, require_ready
-from ..schemas import ErrorResponse, InferRequest, InferResponse, ModelMetadata, ModelReady, ServerMetadata
+from ..deps import get_classifier, load_json, ready_classifier, require_api_key
+from ..runtime.service import Classifier
+from ..schemas import (
+    ErrorResponse,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerMetadata,
+    inline_schema,
+)
 
 health = APIRouter(prefix="/v2/health", tags=["health"])
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], dependencies=[Depends(require_api_key)])
@@ -24,10 +32,9 @@ async def live() -> dict:
     return {"live": True}
 
 
-@health.get("/ready", summary="The model is loaded and warmed up (503 until then)")
-async def ready(resources: Resources = Depends(get_resources)):
-    ready = resources.ready and not resources.draining
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+@health.get("/ready", summary="The model is loaded and warmed up (503 until then, and while draining)")
+async def ready(classifier: Classifier = Depends(get_classifier)):
+    return JSONResponse({"ready": classifier.serving}, status_code=200 if classifier.serving else 503)
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
@@ -35,29 +42,29 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="mcc-serve", version=__version__, extensions=["binary_tensor_data"])
 
 
-def model_or_404(name: str, resources: Resources) -> Resources:
-    if name != resources.model_name:
-        raise HTTPException(404, f"unknown model {name!r}; this server serves {resources.model_name!r}")
-    return resources
+def check_name(name: str, request: Request) -> None:
+    served = request.app.state.model_name
+    if name != served:
+        raise HTTPException(404, f"unknown model {name!r}; this server serves {served!r}")
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
-async def model_metadata(name: str, resources: Resources = Depends(get_resources)) -> ModelMetadata:
-    meta = model_or_404(name, resources).engine.meta
+async def model_metadata(name: str, request: Request, classifier: Classifier = Depends(get_classifier)):
+    check_name(name, request)
+    model = classifier.model
     return ModelMetadata(
         name=name,
         versions=["1"],
         platform="onnxruntime_onnx",
-        inputs=[{"name": meta["input"]["name"], "datatype": "FP32", "shape": [-1, *meta["input"]["shape"][1:]]}],
-        outputs=[{"name": meta["output"]["name"], "datatype": "FP32", "shape": [-1, meta["num_classes"]]}],
+        inputs=[{"name": model.input_name, "datatype": "FP32", "shape": [-1, *model.input_shape]}],
+        outputs=[{"name": model.output_name, "datatype": "FP32", "shape": [-1, model.num_classes]}],
     )
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady, responses=ERRORS, summary="Model readiness")
-async def model_ready(name: str, resources: Resources = Depends(get_resources)):
-    resources = model_or_404(name, resources)
-    ready = resources.ready and not resources.draining
-    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+async def model_ready(name: str, request: Request, classifier: Classifier = Depends(get_classifier)):
+    check_name(name, request)
+    return JSONResponse({"name": name, "ready": classifier.serving}, status_code=200 if classifier.serving else 503)
 
 
 BINARY_HEADER = "inference-header-content-length"  # the binary tensor data extension (tritonclient's default)
@@ -74,11 +81,10 @@ def split_binary(body: bytes, header: str | None) -> tuple[bytes, bytes]:
     return body[: int(header)], body[int(header) :]
 
 
-def input_tensor(req: InferRequest, resources: Resources, binary: bytes = b"") -> np.ndarray:
+def input_tensor(req: InferRequest, classifier: Classifier, binary: bytes = b"") -> np.ndarray:
     """The request's one FP32 input as (N, C, H, W), from JSON data or the binary part, or a 400 naming what is
     wrong."""
-    meta = resources.engine.meta
-    want_name, chw = meta["input"]["name"], list(meta["input"]["shape"][1:])
+    want_name, chw = classifier.model.input_name, list(classifier.model.input_shape)
     if len(req.inputs) != 1 or req.inputs[0].name != want_name:
         raise HTTPException(400, f"expected exactly one input named {want_name!r}")
     tensor = req.inputs[0]
@@ -86,7 +92,7 @@ def input_tensor(req: InferRequest, resources: Resources, binary: bytes = b"") -
         raise HTTPException(400, f"input {tensor.name!r}: datatype {tensor.datatype} is not supported; send FP32")
     if len(tensor.shape) != 4 or tensor.shape[1:] != chw or tensor.shape[0] < 1:
         raise HTTPException(400, f"input shape {tensor.shape} does not match [N, {', '.join(map(str, chw))}]")
-    check_image_count(tensor.shape[0], resources.settings)  # before the data is converted
+    classifier.check_count(tensor.shape[0])  # before the data is converted
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is not None:
         need = 4 * int(np.prod(tensor.shape))
@@ -112,15 +118,9 @@ def input_tensor(req: InferRequest, resources: Resources, binary: bytes = b"") -
 
 
 INFER_BODY = {
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
+    "content": {"application/json": {"schema": inline_schema(InferRequest)}},
     "required": True,
 }
-
-
-def openapi_components() -> dict:
-    """The component schemas INFER_BODY refers to (the route reads its raw body, so FastAPI adds none)."""
-    _, top = models_json_schema([(InferRequest, "validation")], ref_template="#/components/schemas/{model}")
-    return top["$defs"]
 
 
 @router.post(
@@ -130,19 +130,19 @@ def openapi_components() -> dict:
     summary="Inference",
     openapi_extra={"requestBody": INFER_BODY},
 )
-async def model_infer(name: str, request: Request, resources: Resources = Depends(require_ready)) -> Response:
-    model_or_404(name, resources)
+async def model_infer(name: str, request: Request, classifier: Classifier = Depends(ready_classifier)) -> Response:
+    check_name(name, request)
     header, binary = split_binary(await request.body(), request.headers.get(BINARY_HEADER))
     try:
         req = await load_json(header, InferRequest)
     except ValidationError as e:
         err = e.errors()[0]
         raise HTTPException(400, f"invalid inference request: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    out_name = resources.engine.meta["output"]["name"]
+    out_name = classifier.model.output_name
     for requested in req.outputs or []:
         if requested.name != out_name:
             raise HTTPException(400, f"unknown output {requested.name!r}; the model has {out_name!r}")
-    logits = await infer(resources, input_tensor(req, resources, binary))  # (N, num_classes)
+    logits = await classifier.infer(input_tensor(req, classifier, binary))  # (N, num_classes)
     output = {"name": out_name, "shape": list(logits.shape), "datatype": "FP32"}
     if not wants_binary_output(req):
         body = InferResponse(model_name=name, model_version="1", id=req.id,

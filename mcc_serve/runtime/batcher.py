@@ -22,13 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class QueueFullError(Exception):
-    """More images are waiting than ``max_queue``; the caller should retry later (429)."""
-
-
-class TooManyImagesError(Exception):
-    """One request holds more images than ``max_queue``: it can never fit, so a retry cannot help (413)."""
+from .errors import QueueFullError, TooManyImagesError
 
 
 @dataclass
@@ -79,9 +73,13 @@ class DynamicBatcher:
             TimeoutError: no answer within ``timeout`` seconds (what has not run yet never will).
         """
         if len(x) > self.max_queue:
-            raise TooManyImagesError(f"{len(x)} images in one request; the queue holds at most {self.max_queue}")
+            raise TooManyImagesError(
+                f"{len(x)} images in one request; the queue holds at most {self.max_queue}; send fewer per request"
+            )
         if self.queued_images + len(x) > self.max_queue:
-            raise QueueFullError(f"{self.queued_images} images queued (limit {self.max_queue})")
+            raise QueueFullError(
+                f"server busy: {self.queued_images} images queued (limit {self.max_queue}); retry later"
+            )
         loop = asyncio.get_running_loop()
         step = self.max_batch_size
         now = self.clock()

@@ -92,18 +92,6 @@ class Engine:
         """(N, C, H, W) float32 -> logits (N, num_classes) float32."""
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
-    def warmup(self, runs: int, batch_sizes=(1,)) -> None:
-        """Run the model on zeros; BundleError when it cannot (a graph that loads but does not run)."""
-        for batch in batch_sizes:
-            x = np.zeros((batch, *self.input_shape), np.float32)
-            for _ in range(runs):
-                try:
-                    self.run(x)
-                except Exception as e:  # onnxruntime's own exception types
-                    raise BundleError(
-                        f"the model fails on a batch of {batch}: {str(e).splitlines()[0][:200]}"
-                    ) from None
-
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)

@@ -1,10 +1,6 @@
-"""Inference on image files without a server and without torch: the work of ``mcc-predict`` (and of ``mcc-eval``
-on a bundle).
-
-Find the image files a user names, preprocess them exactly as ``mcc-serve`` does (``Preprocessor``), batch them
-through a model and keep each image's top-k classes. A file Pillow cannot read is skipped with its reason, never
-fatal. The model is anything with class names, a ``Preprocessor`` and a runner ``(N, C, H, W) -> (N, classes)``:
-a bundle's ONNX session here, or (in ``export``, which may import torch) a checkpoint's torch model.
+"""Image files without a server: find the files a user names, check an output path, and preprocess items in
+batches with a thread pool. ``mcc-predict`` runs the files through the ``Classifier`` service; ``mcc-eval`` (in
+``export``) runs a labelled split through a bundle or a checkpoint with ``preprocess_batches``.
 """
 
 from __future__ import annotations
@@ -14,37 +10,20 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .engine import Engine, providers_for, softmax
-from .preprocess import ImageError, Preprocessor
+from .choices import IMAGE_SUFFIXES
+from .errors import ImageError
+from .preprocess import Preprocessor
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}  # mcc_train's
 LIST_SUFFIXES = {".txt", ".lst"}  # a PATH with one of these lists image paths, one per line
-MAX_PIXELS = 40_000_000  # the largest image decoded, as mcc-serve's default --max-image-pixels
 
 
 class InputError(ValueError):
     """Bad input to an offline command (no such model, a bad option): the message names it and the fix."""
-
-
-@dataclass
-class OfflineModel:
-    """A model ready for offline inference."""
-
-    name: str  # the bundle directory or checkpoint file it was loaded from
-    class_names: list[str]
-    preprocess: Preprocessor
-    run: Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) float32 -> (N, num_classes) logits
-    preprocess_config: dict[str, Any]  # timm's eval transform: input_size, mean, std, interpolation, crop_pct, ...
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 def check_output(path: str | Path, kind: str) -> None:
@@ -69,17 +48,6 @@ def is_bundle(path: str | Path) -> bool:
     if not path.exists():
         raise InputError(f"{path}: no such bundle directory or checkpoint file")
     return path.is_dir()
-
-
-def load_bundle(
-    path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS, precision: str = "fp32"
-) -> OfflineModel:
-    """A bundle's ONNX model of ``precision`` in one onnxruntime session (BundleError when it cannot be used)."""
-    providers_for(device)  # --device cuda without onnxruntime's CUDA provider: refused in its own words
-    engine = Engine.load(path, device, precision=precision)
-    meta = engine.meta
-    pre = Preprocessor.from_model_json(meta, max_pixels)
-    return OfflineModel(str(path), list(meta["class_names"]), pre, engine.run, dict(meta["preprocess"]))
 
 
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
@@ -169,30 +137,3 @@ def _collect(chunk: Sequence, results: list) -> Batch:
     skipped = [str(x) for x in results if isinstance(x, ImageError)]
     x = np.stack([x for _, x in kept]) if kept else None  # (N, C, H, W)
     return Batch([item for item, _ in kept], x, skipped)
-
-
-def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, C) probabilities -> the k most probable classes of each row, most probable first: (N, k) indices and
-    (N, k) probabilities."""
-    index = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
-    return index, np.take_along_axis(probs, index, axis=1)
-
-
-@dataclass
-class Prediction:
-    path: Path
-    labels: list[str]  # the top-k class names, most probable first
-    probs: list[float]  # their probabilities
-
-
-def predict_files(
-    model: OfflineModel, files: Sequence[Path], k: int, batch_size: int = 64, workers: int = 0
-) -> Iterator[tuple[list[Prediction], list[str]]]:
-    """Top-k predictions for image files, one batch at a time: (predictions, messages of the files skipped)."""
-    for batch in preprocess_batches(files, partial(load_file, model.preprocess), batch_size, workers):
-        predictions = []
-        if batch.items:
-            index, probs = top_k(softmax(model.run(batch.x)), k)  # (N, k), (N, k)
-            for path, row, p in zip(batch.items, index, probs, strict=True):
-                predictions.append(Prediction(path, [model.class_names[j] for j in row], p.tolist()))
-        yield predictions, batch.skipped

@@ -15,14 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-INTERPOLATION = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+from .choices import INTERPOLATIONS, MAX_IMAGE_PIXELS
+from .errors import ImageError, ImageTooLargeError
+
+INTERPOLATION = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}  # timm's names -> Pillow's
 
 
 RESIZE_BUDGET_PIXELS = 1 << 24  # a resize to more pixels than this resizes only the region the crop keeps
@@ -43,14 +39,6 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))  # (H, W) uint8: mode L
 
 
-class ImageError(ValueError):
-    """An input that is not a usable image; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class Preprocessor:
     in_chans: int
@@ -60,30 +48,26 @@ class Preprocessor:
     interpolation: str = "bicubic"
     crop_pct: float = 1.0
     crop_mode: str = "center"
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         # timm's ToTensor and Normalize, (v / 255 - mean) / std in float32, for each of the 256 values a channel
-        # can hold: looking a pixel up gives the bits computing it would, at a third of the time for 224x224 RGB
+        # can hold: looking a pixel up gives the bits computing it would, and costs less
         values = np.arange(256, dtype=np.float32) / np.float32(255)  # (256,)
         mean, std = np.asarray(self.mean, np.float32)[:, None], np.asarray(self.std, np.float32)[:, None]
         object.__setattr__(self, "_lut", (values[None, :] - mean) / std)  # (C, 256) float32
         object.__setattr__(self, "_mode", "L" if self.in_chans == 1 else "RGB")
 
     @classmethod
-    def from_model_json(cls, meta: dict, max_pixels: int) -> Preprocessor:
+    def from_model_json(cls, meta: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> Preprocessor:
+        """The preprocessing a model.json records (validated by the bundle schema: square, known interpolation)."""
         pre = meta["preprocess"]
-        c, h, w = pre["input_size"]
-        if h != w:
-            raise ValueError(f"model.json: input_size {pre['input_size']} is not square")
-        if pre.get("crop_mode", "center") not in ("center", "squash"):
-            raise ValueError(f"model.json: crop_mode {pre['crop_mode']!r} is not supported (center, squash)")
-        if pre["interpolation"] not in INTERPOLATION:
-            raise ValueError(f"model.json: interpolation {pre['interpolation']!r} is not supported")
+        c, size, _ = pre["input_size"]
         mean, std = tuple(pre["mean"]), tuple(pre["std"])
         if len(mean) == 1:
             mean, std = mean * c, std * c
-        return cls(c, h, mean, std, pre["interpolation"], pre["crop_pct"], pre.get("crop_mode", "center"), max_pixels)
+        crop_mode = pre.get("crop_mode", "center")
+        return cls(c, size, mean, std, pre["interpolation"], pre["crop_pct"], crop_mode, max_pixels)
 
     def decode_header(self, data: bytes, name: str = "image") -> Image.Image:
         """Open an image lazily (header only) and check its size against the pixel limit."""
@@ -92,14 +76,13 @@ class Preprocessor:
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
-            raise ImageError(f"{name} has too many pixels", status=413) from None
+            raise ImageTooLargeError(f"{name} has too many pixels") from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise ImageError(f"{name} is not an image format Pillow can read (PNG, JPEG, WebP, ... are)") from None
         if img.width * img.height > self.max_pixels:
-            raise ImageError(
+            raise ImageTooLargeError(
                 f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, more than the limit of "
-                f"{self.max_pixels:,}",
-                status=413,
+                f"{self.max_pixels:,}"
             )
         img.info["mcc_name"] = name
         return img

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from export import ExportConfig, export_checkpoint
 from export.eval_cli import main as eval_main
-from export.predict_cli import main as predict_main
+from mcc_serve.predict_cli import main as predict_main
 from mcc_serve.runtime.engine import softmax
 from mcc_serve.runtime.preprocess import Preprocessor
 
@@ -183,7 +183,7 @@ def test_predict_on_a_bundle_runs_without_torch(bundle, photos, trained_run, tmp
     out = tmp_path / "p.csv"
     script = (
         "import sys; sys.modules['torch'] = None\n"
-        "from export.predict_cli import main\n"
+        "from mcc_serve.predict_cli import main\n"
         f"assert main([{str(bundle)!r}, {str(photos / '0.png')!r}, '--out', {str(out)!r}]) == 0\n"
         f"sys.exit(main([{str(trained_run / 'best.pt')!r}, {str(photos)!r}]))\n"
     )

@@ -163,11 +163,12 @@ def test_metrics_and_docs(client, digit_pngs):
     assert refs and all(r.startswith("#/components/schemas/") for r in refs)
     assert {r.rsplit("/", 1)[1] for r in refs} <= set(schema["components"]["schemas"])
     infer = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]
-    assert infer["schema"] == {"$ref": "#/components/schemas/InferRequest"}
+    assert set(infer["schema"]["properties"]) == {"id", "parameters", "inputs", "outputs"}  # the body, in place
+    assert infer["schema"]["properties"]["inputs"]["items"]["properties"]["shape"]["type"] == "array"
     paths = schema["paths"]
-    assert "/v2/models/{name}/infer" in paths
-    predict = paths["/v1/predict"]["post"]  # a plain Starlette route, documented by hand
+    predict = paths["/v1/predict"]["post"]
     assert [p["name"] for p in predict["parameters"]] == ["top_k"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"]["required"] == ["images"]
     assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("PredictResponse")
 
@@ -230,8 +231,8 @@ def test_bearer_token(bundle, digit_pngs):
 def test_overload_timeout_and_model_failure(bundle, digit_pngs):
     files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
     c = client_for(bundle, request_timeout_s=0.2, max_queue=1, max_batch_size=1, max_delay_ms=0)
-    res = c.app.state.resources
-    real_run = res.engine.run
+    res = c.app.state.classifier
+    real_run = res.model.run
     try:
         res.batcher.run = lambda x: (time.sleep(0.5), real_run(x))[1]  # a model slower than the deadline
         r = c.post("/v1/predict", files=files)
@@ -253,11 +254,11 @@ def test_overload_timeout_and_model_failure(bundle, digit_pngs):
 
 
 def test_not_ready_until_the_warm_up_is_done(bundle, digit_pngs, monkeypatch):
-    from mcc_serve.runtime.engine import Engine
+    from mcc_serve.runtime import service
 
     release = threading.Event()
-    real_warmup = Engine.warmup
-    monkeypatch.setattr(Engine, "warmup", lambda self, *a: (release.wait(30), real_warmup(self, *a)))
+    real_run_zeros = service.run_zeros
+    monkeypatch.setattr(service, "run_zeros", lambda *a: (release.wait(30), real_run_zeros(*a)))
     with TestClient(create_app(ServeSettings(bundle=str(bundle))), raise_server_exceptions=False) as c:
         files = [("files", ("a.png", digit_pngs[0][0], "image/png"))]
         assert c.get("/v2/health/live").json() == {"live": True}  # alive while warming up
@@ -338,7 +339,7 @@ def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
     monkeypatch.setattr(Preprocessor, "_into", lambda self, img, out: (time.sleep(0.3), real_into(self, img, out))[1])
     c = client_for(bundle, request_timeout_s=0.5)
     try:
-        big = Image.fromarray(np.zeros((300, 300), np.uint8))  # past INLINE_PIXELS: the preprocessing threads
+        big = Image.fromarray(np.zeros((300, 300), np.uint8))  # past the inline limit: the preprocessing threads
         big.save(buf := io.BytesIO(), format="PNG")
         files = [("files", (f"{i}.png", buf.getvalue(), "image/png")) for i in range(6)]  # 1.8 s of preprocessing
         r = c.post("/v1/predict", files=files)

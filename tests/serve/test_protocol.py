@@ -1,92 +1,30 @@
-"""CorkedTransport: what uvicorn writes for one response within one event-loop turn leaves in one write."""
+"""mcc_serve.protocol extends uvicorn's private HttpToolsProtocol: a uvicorn release that changes what it relies on
+fails here, by name, instead of silently dropping the header and slow-client limits."""
 
-import asyncio
+import inspect
+from importlib.metadata import version
 
-from mcc_serve.protocol import MAX_HELD_BYTES, CorkedTransport
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mcc_serve.protocol import BoundedHttpToolsProtocol
 
-class FakeTransport:
-    def __init__(self):
-        self.writes, self.closed, self.aborted = [], False, False
-
-    def write(self, data):
-        assert not self.closed
-        self.writes.append(data)
-
-    def is_closing(self):
-        return self.closed
-
-    def close(self):
-        self.closed = True
-
-    def abort(self):
-        self.aborted = self.closed = True
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def write_eof(self):
-        self.eof = True
-
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 1) if name == "peername" else default
+HOOKS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_message_complete",
+)
+ATTRIBUTES = ("self.loop", "self.transport", "self.cycle", "self.logger")
 
 
-def test_writes_of_one_turn_leave_together_in_order():
-    async def run():
-        fake = FakeTransport()
-        corked = CorkedTransport(fake, asyncio.get_running_loop())
-        corked.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-        corked.write(memoryview(b"{}"))
-        assert fake.writes == [] and corked.get_write_buffer_size() == 40
-        await asyncio.sleep(0)  # the end of this turn
-        assert fake.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
-        corked.writelines([b"a", b"b"])
-        await asyncio.sleep(0)
-        assert fake.writes[1:] == [b"ab"]
-        assert corked.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest goes straight through
-
-    asyncio.run(run())
-
-
-def test_close_sends_what_is_held_first_and_abort_drops_it():
-    async def run():
-        fake = FakeTransport()
-        corked = CorkedTransport(fake, asyncio.get_running_loop())
-        corked.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
-        corked.close()
-        assert fake.writes == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"] and fake.closed
-        await asyncio.sleep(0)  # the scheduled flush finds nothing, and writes nothing to the closed transport
-        assert len(fake.writes) == 1
-
-        fake = FakeTransport()
-        corked = CorkedTransport(fake, asyncio.get_running_loop())
-        corked.write(b"partial")
-        corked.abort()
-        await asyncio.sleep(0)
-        assert fake.writes == [] and fake.aborted
-
-        fake = FakeTransport()  # the peer went away before the turn ended: nothing is written to a closing transport
-        corked = CorkedTransport(fake, asyncio.get_running_loop())
-        corked.write(b"late")
-        fake.closed = True
-        await asyncio.sleep(0)
-        assert fake.writes == []
-
-    asyncio.run(run())
-
-
-def test_a_large_answer_is_not_held_and_eof_comes_after_what_was_held():
-    async def run():
-        fake = FakeTransport()
-        corked = CorkedTransport(fake, asyncio.get_running_loop())
-        corked.write(b"head")
-        corked.write(bytes(MAX_HELD_BYTES))  # reaches the transport (and its flow control) at once
-        assert fake.writes == [b"head" + bytes(MAX_HELD_BYTES)] and corked.get_write_buffer_size() == 0
-        corked.write(b"tail")
-        corked.write_eof()
-        assert fake.writes[1:] == [b"tail"] and fake.eof
-        await asyncio.sleep(0)
-        assert len(fake.writes) == 2
-
-    asyncio.run(run())
+def test_the_uvicorn_class_it_extends_still_has_what_it_overrides_and_uses():
+    where = f"uvicorn {version('uvicorn')}'s HttpToolsProtocol, which mcc_serve/protocol.py extends,"
+    for hook in HOOKS:
+        assert callable(getattr(HttpToolsProtocol, hook, None)), f"{where} has no {hook}(); update protocol.py"
+        assert hook in BoundedHttpToolsProtocol.__dict__, f"protocol.py no longer overrides {hook}; update HOOKS"
+    source = inspect.getsource(HttpToolsProtocol)
+    for attribute in ATTRIBUTES:
+        assert f"{attribute} =" in source, f"{where} no longer sets {attribute}; update protocol.py"
+    assert "response_complete" in source, f"{where} no longer tracks response_complete; update protocol.py"

@@ -5,27 +5,26 @@ per client, each sending its next request when the last is answered). For each s
 one-image /v1/predict requests with real digit PNGs at concurrency 1, 8, 32 and 64, then 8-image requests at
 concurrency 8, each level for ``--seconds``, and records throughput, p50 and p99. Configurations: mcc-serve's
 defaults (one worker, batches of up to 32, no delay: a request runs at once when the model is idle); batching
-off (max batch 1); a 5 ms batching delay (the default before); two worker processes of one onnxruntime thread
-each; and the stack's floor (benchmarks/stack_floor.py: the same uvicorn, batcher and model behind a bare ASGI app,
-none of mcc-serve's limits, auth, metrics or labels), which shows what those features cost. ``--precision int8``
+off (max batch 1); a 5 ms batching delay; two worker processes of one onnxruntime thread each. ``--precision int8``
 serves the bundle's model_int8.onnx and runs it in the reference too.
 
 Every configuration's server runs for the whole benchmark, idle but for its turn, and each level is measured in
 ``--rounds`` slices taken in turn (the reference, then each configuration, a different one first each round, round
-after round): configurations are compared side by side, so the drift of a shared machine's speed (+-20% here over
-a minute) lands in every one of them alike instead of in their ratio. The reference is in-process onnxruntime
-(decode + preprocess + run, batch 32, onnxruntime's defaults, no HTTP), measured before each round and after the
-last with every server idle; a level's ratio to in-process is against the mean of those references. Server CPU is
-also split out for the event loop (each worker's main thread; the model runs on others).
+after round): configurations are compared side by side, so the drift of a shared machine's speed lands in every
+one of them alike instead of in their ratio. The reference is in-process onnxruntime (decode + preprocess + run,
+batch 32, no HTTP), measured before each round and after the last with every server idle; a level's ratio to
+in-process is against the mean of those references. Server CPU is also split out for the event loop (each
+worker's main thread; the model runs on others).
 
-    python benchmarks/serve_load.py [--bundle DIR] [--seconds 6] [--rounds 3] [--baseline-rev REV]
+    python benchmarks/serve_load.py [--bundle DIR] [--image-size 224] [--seconds 6] [--rounds 3] [--baseline-rev REV]
 
 ``--baseline-rev REV`` serves git revision REV's mcc-serve (a worktree of this repository) with its own defaults
 beside the configurations, e.g. the revision before a change to the serving path.
 
-Without --bundle it trains resnet18 on digits for one epoch and exports it (about a minute).
+Without --bundle it trains resnet18 on digits for one epoch and exports it (about a minute): at 1x32x32 by default,
+with ``--image-size S`` at 3xSxS, and the requests then carry SxS RGB PNGs (digits scaled up, with noise).
 Targets: default at concurrency 1 within 0.5 ms (p50) of batching off; default at concurrency 32 and 64 at least
-the 5 ms delay's throughput (and the --baseline-rev's); default (one worker) at concurrency 64 >= 0.85x in-process.
+the 5 ms delay's throughput (and the --baseline-rev's).
 """
 
 from __future__ import annotations
@@ -57,27 +56,35 @@ BATCHING = {
     "5 ms delay": ["--max-delay-ms", "5"],  # every batch waits 5 ms for company, as the default did before
     "2 workers": ["--workers", "2", "--intra-op-threads", "1"],
 }
-FLOOR = "stack floor"  # benchmarks/stack_floor.py: uvicorn + the batcher and model, none of mcc-serve's features
 
 
-def digit_pngs(n: int = 64) -> list[bytes]:
+def digit_pngs(n: int = 64, size: int | None = None) -> list[bytes]:
+    """``n`` digits as PNG files: 8x8 grey, or ``size`` x ``size`` RGB (scaled up, with noise, so a PNG of a
+    photo's size rather than of flat blocks)."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    rng = np.random.default_rng(0)
     out = []
     for img in load_digits().images[:n]:
+        img = Image.fromarray(np.round(img * 255 / 16).astype(np.uint8))
+        if size:
+            x = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.int16)
+            noise = rng.integers(-12, 13, x.shape)
+            img = Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8))
         buf = io.BytesIO()
-        Image.fromarray(np.round(img * 255 / 16).astype(np.uint8)).save(buf, format="PNG")
+        img.save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 
 
-def make_bundle(workdir: Path) -> Path:
-    run = [str(BIN / "mcc-train"), "--arch", "resnet18", "--epochs", "1", "--out", str(workdir / "run"),
-           "--no-progress", "--workers", "0"]  # fmt: skip
-    subprocess.run(run, check=True, capture_output=True)
-    subprocess.run([str(BIN / "mcc-export"), str(workdir / "run" / "last.pt"), "--out", str(workdir / "bundle"),
-                    "--latency-runs", "5"], check=True, capture_output=True)  # fmt: skip
+def make_bundle(workdir: Path, image_size: int | None = None) -> Path:
+    """resnet18 trained on digits for one epoch and exported: 1x32x32, or 3 x image_size^2 on 64 images."""
+    size = ["--img-size", str(image_size), "--in-chans", "3", "--subset", "64"] if image_size else []
+    run = [str(BIN / "mcc-train"), "--arch", "resnet18", "--epochs", "1", "--out", str(workdir / "run"), *size]
+    subprocess.run([*run, "--no-progress", "--workers", "0"], check=True, capture_output=True)
+    export = [str(BIN / "mcc-export"), str(workdir / "run" / "last.pt"), "--out", str(workdir / "bundle")]
+    subprocess.run([*export, "--latency-runs", "5"], check=True, capture_output=True)
     return workdir / "bundle"
 
 
@@ -85,14 +92,13 @@ class InProcess:
     """The reference: decode + preprocess + onnxruntime at ``batch`` in this process (onnxruntime's defaults)."""
 
     def __init__(self, bundle: Path, pngs: list[bytes], batch: int = 32, precision: str = "fp32"):
-        import onnxruntime as ort
-
         from mcc_serve.runtime.bundle import onnx_file
         from mcc_serve.runtime.preprocess import Preprocessor
+        from mcc_serve.runtime.session import create_session
 
         meta = json.loads((bundle / "model.json").read_text())
         self.pre, self.pngs, self.batch = Preprocessor.from_model_json(meta, 10**8), pngs, batch
-        self.sess = ort.InferenceSession(str(bundle / onnx_file(precision)), providers=["CPUExecutionProvider"])
+        self.sess = create_session(bundle / onnx_file(precision))
 
     def model_ms_batch1(self) -> float:
         x1 = self.pre.load(self.pngs[0])[None]
@@ -112,7 +118,7 @@ class InProcess:
             self.sess.run(None, {"input": x})
             images, i = images + self.batch, i + self.batch
         rate = images / (time.perf_counter() - started)
-        time.sleep(0.2)  # let onnxruntime's spinning pool threads go idle before the server is measured
+        time.sleep(0.2)  # let the pool threads go idle before the server is measured
         return rate
 
 
@@ -125,20 +131,14 @@ FROM_TREE = (
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, args: list[str], tree: Path | None = None, floor: bool = False):
-        """mcc-serve on ``bundle`` with ``args``; ``tree``: run the mcc_serve of that source tree instead;
-        ``floor``: benchmarks/stack_floor.py (of this tree) instead of mcc-serve."""
-        self.name = "benchmarks/stack_floor.py" if floor else "mcc-serve"
+    def __init__(self, bundle: Path, args: list[str], tree: Path | None = None):
+        """mcc-serve on ``bundle`` with ``args``; ``tree``: run the mcc_serve of that source tree instead."""
+        self.name = "mcc-serve"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        if floor:
-            program = [sys.executable, str(ROOT / "benchmarks" / "stack_floor.py")]
-        elif tree is not None:
-            program = [sys.executable, "-c", FROM_TREE, str(tree)]
-        else:
-            program = [str(BIN / "mcc-serve")]
+        program = [str(BIN / "mcc-serve")] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree)]
         cmd = [*program, str(bundle), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         ready_in_a_row = 0  # with several workers, each answers for itself: wait until all of them are warm
@@ -188,8 +188,10 @@ async def load(url: str, pngs: list[bytes], concurrency: int, seconds: float, pe
             for k in range(per_request)
         ]
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        head = (f"POST /v1/predict?top_k=1 HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-                f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        head = (
+            f"POST /v1/predict?top_k=1 HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
         requests_bytes.append(head + body)
     latencies, errors = [], 0  # latencies of answers with status 200; the rest are errors
     sent = iter(range(10**9))
@@ -255,8 +257,9 @@ def cpu_seconds(root: int, main_threads: bool = False) -> float | None:
 def checkout(rev: str, where: Path) -> Path:
     """The source tree of git revision ``rev`` of this repository, under ``where`` (removed with it)."""
     tree = where / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True
+    )
     return tree
 
 
@@ -311,113 +314,135 @@ def run_load(*args, latencies: bool = False) -> dict:
     return r
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="a bundle from mcc-export (default: train and export one)")
+    parser.add_argument("--image-size", type=int, help="S: without --bundle, train at 3xSxS; send SxS RGB PNGs")
     parser.add_argument("--seconds", type=float, default=6.0, help="load per level and configuration, in all")
     parser.add_argument("--rounds", type=int, default=3, help="slices each level is measured in, in turn")
     parser.add_argument("--reference-seconds", type=float, default=1.0, help="in-process reference between rounds")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="the bundle's model to serve")
-    parser.add_argument("--configs", nargs="+", choices=[*BATCHING, FLOOR], default=[*BATCHING, FLOOR])
+    parser.add_argument("--configs", nargs="+", choices=list(BATCHING), default=list(BATCHING))
     parser.add_argument("--baseline-rev", help="also serve this git revision's mcc-serve, with its defaults")
+    parser.add_argument("--out", default="serve_load", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     if args.baseline_rev and args.precision != "fp32":
         parser.error("--baseline-rev serves fp32 (a revision before --precision has no such option)")
-    baseline = f"{args.baseline_rev} defaults"
-    modes = [*args.configs, *([baseline] if args.baseline_rev else [])]
-    pngs = digit_pngs()
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle or make_bundle(Path(tmp))
-        meta = json.loads((bundle / "model.json").read_text())
-        reference = InProcess(bundle, pngs, precision=args.precision)
-        model_ms = reference.model_ms_batch1()
-        # one-image requests at each concurrency, then 8-image requests: HTTP cost shared by 8 images
-        levels = [(c, 1) for c in args.concurrency] + [(8, 8)]
-        servers = {}
-        try:
-            for mode in args.configs:
-                flags = [*BATCHING.get(mode, []), "--precision", args.precision]
-                servers[mode] = ServerProcess(bundle, flags, floor=mode == FLOOR)
-            if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
-                servers[baseline] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, Path(tmp)))
-            results = {}
-            turn = 0  # which configuration goes first, counted across levels so that each is first as often
-            for c, per in levels:
-                slices = {mode: [] for mode in servers}
-                references = []
-                for _ in range(args.rounds):
-                    references.append(reference.images_per_s(args.reference_seconds))
-                    first, turn = turn % len(servers), turn + 1
-                    for mode in list(servers)[first:] + list(servers)[:first]:  # the first after the reference
-                        # ran measurably slower (its onnxruntime threads, the caches)
-                        slices[mode].append(measure(servers[mode], pngs, c, args.seconds / args.rounds, per))
-                references.append(reference.images_per_s(args.reference_seconds))
-                for mode in servers:
-                    results[f"{mode}/{c}/{per}"] = combine(slices[mode], references)
-                    print(f"concurrency {c}, {per} img/request, {mode}: {results[f'{mode}/{c}/{per}']['rps']:.0f} "
-                          f"req/s", file=sys.stderr)  # fmt: skip
-        finally:
-            for server in servers.values():
-                server.stop()
-            if args.baseline_rev:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")],
-                               check=False, capture_output=True)  # fmt: skip
-    rows = [[mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
-             r.get("server_cpu_ms_per_request", "n/a"), r.get("loop_cpu_ms_per_request", "n/a"),
-             r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
-            for mode in modes for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]]  # fmt: skip
+    return args
 
-    def level(mode: str, c: int, per: int = 1) -> dict | None:
-        return results.get(f"{mode}/{c}/{per}")
+
+def start_servers(args: argparse.Namespace, bundle: Path, tmp: Path) -> dict[str, ServerProcess]:
+    servers = {}
+    for mode in args.configs:
+        servers[mode] = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
+    if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
+        servers[f"{args.baseline_rev} defaults"] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, tmp))
+    return servers
+
+
+def measure_levels(args, servers: dict[str, ServerProcess], reference: InProcess, pngs, levels) -> dict[str, dict]:
+    """Every level on every server, in rounds taken in turn; ``MODE/CONCURRENCY/IMAGES_PER_REQUEST`` -> result."""
+    results = {}
+    turn = 0  # which configuration goes first, counted across levels so that each is first as often
+    for c, per in levels:
+        slices = {mode: [] for mode in servers}
+        references = []
+        for _ in range(args.rounds):
+            references.append(reference.images_per_s(args.reference_seconds))
+            first, turn = turn % len(servers), turn + 1
+            for mode in list(servers)[first:] + list(servers)[:first]:  # the first after the reference runs slower
+                slices[mode].append(measure(servers[mode], pngs, c, args.seconds / args.rounds, per))
+        references.append(reference.images_per_s(args.reference_seconds))
+        for mode in servers:
+            results[f"{mode}/{c}/{per}"] = r = combine(slices[mode], references)
+            print(f"concurrency {c}, {per} img/request, {mode}: {r['rps']:.0f} req/s", file=sys.stderr)
+    return results
+
+
+def target_checks(results: dict[str, dict], baseline: str | None) -> dict[str, tuple[float, str] | None]:
+    def ratio(a: str, b: str, c: int, key: str = "rps") -> float | None:
+        x, y = results.get(f"{a}/{c}/1"), results.get(f"{b}/{c}/1")
+        return x[key] / y[key] if x and y else None
 
     def check(value, where):
         return None if value is None else (value, where)
 
-    on1, off1 = level("default", 1), level("off", 1)
+    on1, off1 = results.get("default/1/1"), results.get("off/1/1")
     checks = {
         "concurrency 1: default p50 - batching off p50, ms (<= 0.5)": check(
-            on1 and off1 and on1["p50_ms"] - off1["p50_ms"], "default vs off, concurrency 1"),
-        "concurrency 32: default / 5 ms delay throughput (>= 1)": check(
-            level("default", 32) and level("5 ms delay", 32)
-            and level("default", 32)["rps"] / level("5 ms delay", 32)["rps"], "concurrency 32"),
-        "concurrency 64: default / 5 ms delay throughput (>= 1)": check(
-            level("default", 64) and level("5 ms delay", 64)
-            and level("default", 64)["rps"] / level("5 ms delay", 64)["rps"], "concurrency 64"),
-        **{f"concurrency {c}: default / {baseline} throughput (>= 1)": check(
-            level("default", c) and level(baseline, c) and level("default", c)["rps"] / level(baseline, c)["rps"],
-            f"concurrency {c}") for c in (32, 64) if args.baseline_rev},
-        "default (one worker), concurrency 64: images/s vs in-process (>= 0.85)": check(
-            level("default", 64) and level("default", 64)["vs_in_process"], "default, concurrency 64"),
-        f"{FLOOR}, concurrency 64: images/s vs in-process": check(
-            level(FLOOR, 64) and level(FLOOR, 64)["vs_in_process"], f"{FLOOR}, concurrency 64"),
-        f"concurrency 64: default / {FLOOR} throughput": check(
-            level("default", 64) and level(FLOOR, 64) and level("default", 64)["rps"] / level(FLOOR, 64)["rps"],
-            "concurrency 64"),
-        "8-image requests: best images/s vs in-process (mcc-serve)": check(
-            max((r["vs_in_process"] for k, r in results.items() if k.endswith("/8/8") and k.split("/")[0] in BATCHING),
-                default=None), "concurrency 8"),
-    }  # fmt: skip
-    print(f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; in-process: decode + "
-          f"preprocess + onnxruntime at batch 32, measured before each round and after the last; model latency at "
-          f"batch 1: "
-          f"{model_ms:.2f} ms\n")  # fmt: skip
+            on1 and off1 and on1["p50_ms"] - off1["p50_ms"], "default vs off, concurrency 1"
+        )
+    }
+    for c in (32, 64):
+        checks[f"concurrency {c}: default / 5 ms delay throughput (>= 1)"] = check(
+            ratio("default", "5 ms delay", c), f"concurrency {c}"
+        )
+        if baseline:
+            checks[f"concurrency {c}: default / {baseline} throughput"] = check(
+                ratio("default", baseline, c), f"concurrency {c}"
+            )
+    best8 = [r["vs_in_process"] for k, r in results.items() if k.endswith("/8/8") and k.split("/")[0] in BATCHING]
+    checks["8-image requests: best images/s vs in-process"] = check(max(best8, default=None), "concurrency 8")
+    return checks
+
+
+def report(args, meta: dict, model_ms: float, results: dict[str, dict], levels, modes: list[str]) -> None:
+    baseline = f"{args.baseline_rev} defaults" if args.baseline_rev else None
+    rows = [
+        [mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
+         r.get("server_cpu_ms_per_request", "n/a"), r.get("loop_cpu_ms_per_request", "n/a"),
+         r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
+        for mode in modes for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]
+    ]  # fmt: skip
+    print(
+        f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; in-process: decode + preprocess"
+        f" + onnxruntime at batch 32, measured before each round and after the last; model latency at batch 1: "
+        f"{model_ms:.2f} ms\n"
+    )
     headers = ["batching", "concurrency", "img/request", "req/s", "img/s", "p50 ms", "p99 ms", "server CPU ms/req",
                "of it, event loop", "in-process img/s", "vs in-process", "errors"]  # fmt: skip
     table = print_table(headers, rows)
     print()
+    checks = target_checks(results, baseline)
     check_rows = [[k, "n/a", ""] if v is None else [k, f"{v[0]:.2f}", v[1]] for k, v in checks.items()]
     check_table = print_table(["target", "measured", "where"], check_rows)
-    payload = {"arch": meta["arch"], "input": meta["input"]["shape"][1:], "seconds_per_level": args.seconds,
-               "rounds": args.rounds, "precision": args.precision,
-               "configurations": {m: BATCHING.get(m, "benchmarks/stack_floor.py") for m in args.configs},
-               "baseline_rev": args.baseline_rev,
-               "model_ms_batch1": model_ms,
-               "results": results}  # fmt: skip
-    write_json(
-        "serve_load" if args.precision == "fp32" else f"serve_load_{args.precision}",
-        {**payload, "checks": checks, "table": table, "check_table": check_table},
-    )
+    payload = {
+        "arch": meta["arch"],
+        "input": meta["input"]["shape"][1:],
+        "image_size": args.image_size,
+        "seconds_per_level": args.seconds,
+        "rounds": args.rounds,
+        "precision": args.precision,
+        "configurations": {m: BATCHING[m] for m in args.configs},
+        "baseline_rev": args.baseline_rev,
+        "model_ms_batch1": model_ms,
+        "results": results,
+    }
+    name = args.out if args.precision == "fp32" else f"{args.out}_{args.precision}"
+    write_json(name, {**payload, "checks": checks, "table": table, "check_table": check_table})
+
+
+def main() -> None:
+    args = parse_args()
+    pngs = digit_pngs(size=args.image_size)
+    levels = [(c, 1) for c in args.concurrency] + [(8, 8)]  # one-image requests, then 8 images share the HTTP cost
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or make_bundle(Path(tmp), args.image_size)
+        meta = json.loads((bundle / "model.json").read_text())
+        reference = InProcess(bundle, pngs, precision=args.precision)
+        model_ms = reference.model_ms_batch1()
+        servers = {}
+        try:
+            servers = start_servers(args, bundle, Path(tmp))
+            results = measure_levels(args, servers, reference, pngs, levels)
+        finally:
+            for server in servers.values():
+                server.stop()
+            if args.baseline_rev:
+                worktree = ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")]
+                subprocess.run(worktree, check=False, capture_output=True)
+    report(args, meta, model_ms, results, levels, list(servers))
 
 
 if __name__ == "__main__":

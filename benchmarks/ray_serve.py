@@ -38,8 +38,9 @@ def ray_levels(bundle: Path, pngs: list[bytes], replicas: list[int], concurrency
             args = {"bundle": str(bundle), "num_replicas": n, "intra_op_threads": 1 if n > 1 else 0}
             serve.run(build(args), name="mcc", route_prefix="/")
             time.sleep(3)  # the replicas' warm-up
-            out[f"Ray Serve, {n} replica{'s' if n > 1 else ''}"] = run_load(f"http://127.0.0.1:{port}", pngs,
-                                                                             concurrency, seconds, 1)  # fmt: skip
+            out[f"Ray Serve, {n} replica{'s' if n > 1 else ''}"] = run_load(
+                f"http://127.0.0.1:{port}", pngs, concurrency, seconds, 1
+            )
             serve.delete("mcc")
     finally:
         serve.shutdown()
@@ -63,12 +64,15 @@ def main() -> None:
             server.stop()
         results |= ray_levels(bundle, pngs, [1, 2], args.concurrency, args.seconds)
     base = results["mcc-serve (1 worker)"]["rps"]
-    rows = [[name, args.concurrency, r["rps"], r["p50_ms"], r["p99_ms"], f"{r['rps'] / base:.2f}x", r["errors"]]
-            for name, r in results.items()]  # fmt: skip
+    rows = [
+        [name, args.concurrency, r["rps"], r["p50_ms"], r["p99_ms"], f"{r['rps'] / base:.2f}x", r["errors"]]
+        for name, r in results.items()
+    ]
     print()
     table = print_table(["server", "concurrency", "req/s", "p50 ms", "p99 ms", "vs mcc-serve", "errors"], rows)
-    write_json("ray_serve", {"concurrency": args.concurrency, "seconds": args.seconds, "results": results,
-                             "table": table})  # fmt: skip
+    write_json(
+        "ray_serve", {"concurrency": args.concurrency, "seconds": args.seconds, "results": results, "table": table}
+    )
 
 
 if __name__ == "__main__":

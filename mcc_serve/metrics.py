@@ -23,18 +23,25 @@ class Metrics:
             "mcc_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "mcc_request_latency_seconds", "request latency", ["endpoint"], registry=self.registry,
+            "mcc_request_latency_seconds",
+            "request latency",
+            ["endpoint"],
+            registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )  # fmt: skip
+        )
         self.queue_wait = Histogram(
-            "mcc_queue_wait_seconds", "time a request waited before its batch ran", registry=self.registry,
+            "mcc_queue_wait_seconds",
+            "time a request waited before its batch ran",
+            registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
-        )  # fmt: skip
+        )
         buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, max_batch_size})
         self.batch_size = Histogram(
-            "mcc_batch_size", "images per model run", registry=self.registry,
+            "mcc_batch_size",
+            "images per model run",
+            registry=self.registry,
             buckets=[b for b in buckets if b <= max_batch_size],
-        )  # fmt: skip
+        )
         self.in_flight = Gauge(
             "mcc_requests_in_flight", "requests being handled", registry=self.registry, multiprocess_mode="livesum"
         )

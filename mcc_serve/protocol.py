@@ -79,7 +79,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        head = [b"HTTP/1.1 " + _STATUS[status], b"content-type: application/json",
-                b"content-length: " + str(len(body)).encode(), b"connection: close"]  # fmt: skip
+        head = [
+            b"HTTP/1.1 " + _STATUS[status],
+            b"content-type: application/json",
+            b"content-length: " + str(len(body)).encode(),
+            b"connection: close",
+        ]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.transport.close()

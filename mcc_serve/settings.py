@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .runtime.choices import PRECISIONS
+from .runtime.choices import DEVICES, MAX_IMAGE_PIXELS, PRECISIONS
 
 
 class ServeSettings(BaseSettings):
@@ -23,10 +23,10 @@ class ServeSettings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="queued images before 429 (a request larger than this: 413)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body before 413")
-    max_image_pixels: int = Field(40_000_000, ge=64, description="largest decoded image (w*h) before 413")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64, description="largest decoded image (w*h) before 413")
     max_images_per_request: int = Field(64, ge=1, description="images per request before 413")
     preprocess_threads: int = Field(
-        2, ge=1, le=64, description="threads that decode and resize large images; bounds their memory (README)"
+        2, ge=1, le=64, description="threads that decode and resize large images; bounds their memory (docs/serving.md)"
     )
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers before 431")
     header_timeout_s: float = Field(10.0, gt=0, description="time to send the headers (from connect or 1st byte): 408")
@@ -52,8 +52,8 @@ class ServeSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda"):
-            raise ValueError("must be auto, cpu or cuda")
+        if v not in DEVICES:
+            raise ValueError(f"must be one of {', '.join(DEVICES)}")
         return v
 
     @field_validator("precision")

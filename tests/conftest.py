@@ -70,8 +70,18 @@ def make_checkpoint(
 
     torch.manual_seed(seed)
     cfg = TrainConfig(arch=arch, head=head, img_size=img_size, in_chans=in_chans, epochs=1, **config)
-    model = create_model(arch, 10, head=head, in_chans=in_chans, img_size=img_size, mc=cfg.mc(), loss=cfg.loss,
-                         margin=cfg.margin, margin_scale=cfg.margin_scale, **cfg.model_kwargs)  # fmt: skip
+    model = create_model(
+        arch,
+        10,
+        head=head,
+        in_chans=in_chans,
+        img_size=img_size,
+        mc=cfg.mc(),
+        loss=cfg.loss,
+        margin=cfg.margin,
+        margin_scale=cfg.margin_scale,
+        **cfg.model_kwargs,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))

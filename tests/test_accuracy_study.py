@@ -73,8 +73,17 @@ def test_the_grid_has_both_regimes_both_families_and_the_named_variants():
 
 @pytest.mark.slow
 def test_quick_study_runs_caches_and_reports(tmp_path):
-    args = ["--quick", "--jobs", "2", "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "r.json"),
-            "--docs", str(tmp_path / "docs")]  # fmt: skip
+    args = [
+        "--quick",
+        "--jobs",
+        "2",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "r.json"),
+        "--docs",
+        str(tmp_path / "docs"),
+    ]
     accuracy.main(args)
     runs = json.loads((tmp_path / "r.json").read_text())["runs"]
     distinct = 9 if accuracy.MC_PRESETS["default"] != accuracy.MC_PRESETS["paper"] else 6

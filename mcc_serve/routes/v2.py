@@ -98,9 +98,10 @@ def input_tensor(req: InferRequest, classifier: Classifier, binary: bytes = b"")
         need = 4 * int(np.prod(tensor.shape))
         if size != need or len(binary) != need:
             raise HTTPException(
-                400, f"binary input: shape {tensor.shape} needs {need} bytes of FP32; binary_data_size is {size!r} "
-                f"and the body holds {len(binary)} bytes after the JSON header"
-            )  # fmt: skip
+                400,
+                f"binary input: shape {tensor.shape} needs {need} bytes of FP32; binary_data_size is {size!r} "
+                f"and the body holds {len(binary)} bytes after the JSON header",
+            )
         x = np.frombuffer(binary, dtype="<f4")
     elif tensor.data is None:
         raise HTTPException(400, f"input {tensor.name!r} has no data and no binary_data_size")
@@ -145,15 +146,23 @@ async def model_infer(name: str, request: Request, classifier: Classifier = Depe
     logits = await classifier.infer(input_tensor(req, classifier, binary))  # (N, num_classes)
     output = {"name": out_name, "shape": list(logits.shape), "datatype": "FP32"}
     if not wants_binary_output(req):
-        body = InferResponse(model_name=name, model_version="1", id=req.id,
-                             outputs=[{**output, "data": logits.ravel().tolist()}])  # fmt: skip
+        body = InferResponse(
+            model_name=name, model_version="1", id=req.id, outputs=[{**output, "data": logits.ravel().tolist()}]
+        )
         return JSONResponse(body.model_dump(exclude_none=True))
     data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
-    head = InferResponse(model_name=name, model_version="1", id=req.id,
-                         outputs=[{**output, "parameters": {"binary_data_size": len(data)}}])  # fmt: skip
+    head = InferResponse(
+        model_name=name,
+        model_version="1",
+        id=req.id,
+        outputs=[{**output, "parameters": {"binary_data_size": len(data)}}],
+    )
     head_bytes = json.dumps(head.model_dump(exclude_none=True)).encode()
-    return Response(head_bytes + data, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head_bytes))})  # fmt: skip
+    return Response(
+        head_bytes + data,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head_bytes))},
+    )
 
 
 def wants_binary_output(req: InferRequest) -> bool:

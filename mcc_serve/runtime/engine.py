@@ -50,8 +50,9 @@ def check_graph(session: ort.InferenceSession, meta: dict, where: str) -> None:
             f"{where}: model.json names output {meta['output']['name']!r}; the graph has {sorted(outputs)}"
         )
     if out.shape[-1] != meta["num_classes"]:
-        raise BundleError(f"{where}: the graph gives {out.shape[-1]} logits per image; model.json has "
-                          f"{meta['num_classes']} classes")  # fmt: skip
+        raise BundleError(
+            f"{where}: the graph gives {out.shape[-1]} logits per image; model.json has {meta['num_classes']} classes"
+        )
 
 
 @dataclass

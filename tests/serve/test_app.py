@@ -112,9 +112,13 @@ def test_v2_infer_nested_and_flat(client, bundle):
     x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
     expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
     for data in (x.tolist(), x.ravel().tolist()):
-        r = client.post("/v2/models/resnet10t/infer", json={
-            "id": "req-7", "inputs": [{"name": "input", "shape": [3, 1, 16, 16], "datatype": "FP32", "data": data}],
-        })  # fmt: skip
+        r = client.post(
+            "/v2/models/resnet10t/infer",
+            json={
+                "id": "req-7",
+                "inputs": [{"name": "input", "shape": [3, 1, 16, 16], "datatype": "FP32", "data": data}],
+            },
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["id"] == "req-7" and body["model_name"] == "resnet10t"
@@ -150,11 +154,20 @@ def test_metrics_and_docs(client, digit_pngs):
     r = client.get("/v1/predict")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST images" in r.json()["error"]
     text = client.get("/metrics").text
-    for name in ("mcc_requests_total", "mcc_request_latency_seconds_bucket", "mcc_queue_wait_seconds_bucket",
-                 "mcc_batch_size_bucket", "mcc_requests_in_flight"):  # fmt: skip
+    for name in (
+        "mcc_requests_total",
+        "mcc_request_latency_seconds_bucket",
+        "mcc_queue_wait_seconds_bucket",
+        "mcc_batch_size_bucket",
+        "mcc_requests_in_flight",
+    ):
         assert name in text
-    for label in ('endpoint="/v1/predict",status="200"', 'endpoint="/v2/models/{name}",status="200"',
-                  'endpoint="unmatched",status="404"', 'endpoint="/v1/predict",status="405"'):  # fmt: skip
+    for label in (
+        'endpoint="/v1/predict",status="200"',
+        'endpoint="/v2/models/{name}",status="200"',
+        'endpoint="unmatched",status="404"',
+        'endpoint="/v1/predict",status="405"',
+    ):
         assert f"mcc_requests_total{{{label}}}" in text
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
@@ -308,8 +321,12 @@ def test_json_python_cannot_read_is_400_on_both_apis(client):
     deep = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     v2_huge = b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [' + b"9" * 5000 + b"]}]}"
     headers = {"content-type": "application/json"}
-    for path, body in [("/v1/predict", huge_int), ("/v1/predict", deep), ("/v2/models/resnet10t/infer", v2_huge),
-                       ("/v2/models/resnet10t/infer", deep)]:  # fmt: skip
+    for path, body in [
+        ("/v1/predict", huge_int),
+        ("/v1/predict", deep),
+        ("/v2/models/resnet10t/infer", v2_huge),
+        ("/v2/models/resnet10t/infer", deep),
+    ]:
         r = client.post(path, content=body, headers=headers)
         assert r.status_code == 400 and r.json()["error"].startswith("body is not valid JSON"), (path, r.text)
     assert client.get("/v2/health/ready").status_code == 200

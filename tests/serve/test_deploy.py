@@ -92,8 +92,12 @@ def kserve_errors(value, kind: str, where: str, models) -> list[str]:
         return [f"{where}: a {kind} mapping expected"]
     fields = {key: attr for attr, key in model.attribute_map.items()}  # the YAML key -> the Python attribute
     errors = [f"{where}.{key}: not a field of KServe's {kind}" for key in value if key not in fields]
-    return errors + [e for key, v in value.items() if key in fields
-                     for e in kserve_errors(v, model.openapi_types[fields[key]], f"{where}.{key}", models)]  # fmt: skip
+    return errors + [
+        e
+        for key, v in value.items()
+        if key in fields
+        for e in kserve_errors(v, model.openapi_types[fields[key]], f"{where}.{key}", models)
+    ]
 
 
 def test_the_inferenceservice_has_only_fields_of_kserves_api_types():
@@ -124,8 +128,9 @@ def test_the_container_contract_port_from_port_bundle_from_env_probes_and_sigter
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCC_")}
     env |= {"PORT": str(port), "MCC_BUNDLE": str(bundle), "MCC_HOST": "127.0.0.1", "MCC_DRAIN_S": "0.5"}
-    proc = subprocess.Popen([PYTHON, "-m", "mcc_serve"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip  # no arguments: as the image starts
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "mcc_serve"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )  # no arguments: as the image starts
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

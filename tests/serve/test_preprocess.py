@@ -33,17 +33,32 @@ def real_images():
         return
 
 
-@pytest.mark.parametrize("size, crop_pct, interpolation, in_chans", [
-    (32, 1.0, "bicubic", 1), (16, 1.0, "bilinear", 1), (28, 0.875, "bicubic", 3), (24, 0.9, "bilinear", 3),
-    (64, 0.95, "nearest", 3),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "size, crop_pct, interpolation, in_chans",
+    [
+        (32, 1.0, "bicubic", 1),
+        (16, 1.0, "bilinear", 1),
+        (28, 0.875, "bicubic", 3),
+        (24, 0.9, "bilinear", 3),
+        (64, 0.95, "nearest", 3),
+    ],
+)
 def test_matches_timm_eval_transform(size, crop_pct, interpolation, in_chans):
     mean, std = ((0.449,), (0.226,)) if in_chans == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    meta = {"preprocess": {"input_size": [in_chans, size, size], "mean": list(mean), "std": list(std),
-                           "interpolation": interpolation, "crop_pct": crop_pct, "crop_mode": "center"}}  # fmt: skip
+    meta = {
+        "preprocess": {
+            "input_size": [in_chans, size, size],
+            "mean": list(mean),
+            "std": list(std),
+            "interpolation": interpolation,
+            "crop_pct": crop_pct,
+            "crop_mode": "center",
+        }
+    }
     ours = Preprocessor.from_model_json(meta, max_pixels=10**8)
-    timm_tf = create_transform((in_chans, size, size), is_training=False, interpolation=interpolation, mean=mean,
-                               std=std, crop_pct=crop_pct)  # fmt: skip
+    timm_tf = create_transform(
+        (in_chans, size, size), is_training=False, interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct
+    )
     mode = "L" if in_chans == 1 else "RGB"
     count = 0
     for img in real_images():
@@ -58,8 +73,15 @@ def test_matches_timm_eval_transform(size, crop_pct, interpolation, in_chans):
 
 
 def test_bad_images_are_named():
-    meta = {"preprocess": {"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
-                           "crop_pct": 1.0}}  # fmt: skip
+    meta = {
+        "preprocess": {
+            "input_size": [3, 8, 8],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        }
+    }
     pre = Preprocessor.from_model_json(meta, max_pixels=100 * 100)
     with pytest.raises(ImageError, match="not an image format"):
         pre.load(b"hello", "a.txt")
@@ -73,15 +95,29 @@ def test_bad_images_are_named():
     assert e.value.status == 413
 
 
-@pytest.mark.parametrize("size, crop_pct, interpolation", [(32, 1.0, "bicubic"), (28, 0.875, "bicubic"),
-                                                           (24, 0.9, "bilinear")])  # fmt: skip
+@pytest.mark.parametrize(
+    "size, crop_pct, interpolation", [(32, 1.0, "bicubic"), (28, 0.875, "bicubic"), (24, 0.9, "bilinear")]
+)
 def test_resizing_only_the_cropped_region_stays_close_to_timm(size, crop_pct, interpolation, monkeypatch):
     monkeypatch.setattr(preprocess, "RESIZE_BUDGET_PIXELS", 0)  # every image takes the cropped-region path
-    meta = {"preprocess": {"input_size": [3, size, size], "mean": [0.5] * 3, "std": [0.25] * 3,
-                           "interpolation": interpolation, "crop_pct": crop_pct}}  # fmt: skip
+    meta = {
+        "preprocess": {
+            "input_size": [3, size, size],
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "interpolation": interpolation,
+            "crop_pct": crop_pct,
+        }
+    }
     ours = Preprocessor.from_model_json(meta, max_pixels=10**8)
-    timm_tf = create_transform((3, size, size), is_training=False, interpolation=interpolation, mean=(0.5,) * 3,
-                               std=(0.25,) * 3, crop_pct=crop_pct)  # fmt: skip
+    timm_tf = create_transform(
+        (3, size, size),
+        is_training=False,
+        interpolation=interpolation,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        crop_pct=crop_pct,
+    )
     diffs = []
     for img in real_images():
         img.convert("RGB").save(buf := io.BytesIO(), format="PNG")
@@ -91,12 +127,20 @@ def test_resizing_only_the_cropped_region_stays_close_to_timm(size, crop_pct, in
 
 
 def test_an_extreme_aspect_ratio_costs_no_more_than_the_crop(monkeypatch):
-    meta = {"preprocess": {"input_size": [1, 16, 16], "mean": [0.5], "std": [0.5], "interpolation": "bicubic",
-                           "crop_pct": 1.0}}  # fmt: skip
+    meta = {
+        "preprocess": {
+            "input_size": [1, 16, 16],
+            "mean": [0.5],
+            "std": [0.5],
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+        }
+    }
     pre = Preprocessor.from_model_json(meta, max_pixels=10**6)
     sizes, real_resize = [], Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: (sizes.append(size), real_resize(
-        self, size, *a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda self, size, *a, **k: (sizes.append(size), real_resize(self, size, *a, **k))[1]
+    )
     strip = np.tile(np.arange(300_000, dtype=np.uint32) % 251, (1, 1)).astype(np.uint8)  # 1 x 300,000
     for array in (strip, strip.T):
         Image.fromarray(array).save(buf := io.BytesIO(), format="PNG")
@@ -107,8 +151,15 @@ def test_an_extreme_aspect_ratio_costs_no_more_than_the_crop(monkeypatch):
 
 
 def test_work_pixels_counts_the_resize_an_aspect_ratio_causes():
-    meta = {"preprocess": {"input_size": [1, 16, 16], "mean": [0.5], "std": [0.5], "interpolation": "bicubic",
-                           "crop_pct": 1.0}}  # fmt: skip
+    meta = {
+        "preprocess": {
+            "input_size": [1, 16, 16],
+            "mean": [0.5],
+            "std": [0.5],
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+        }
+    }
     pre = Preprocessor.from_model_json(meta, max_pixels=10**8)
     assert pre.work_pixels(Image.new("L", (32, 32))) == 32 * 32 + 16 * 16
     # 1 x 60,000: few pixels to decode, but a 16 x 960,000 resize: not a job for the event loop
@@ -119,8 +170,15 @@ def test_work_pixels_counts_the_resize_an_aspect_ratio_causes():
 def test_load_many_lets_each_decoded_image_go_and_keeps_to_the_deadline():
     import time
 
-    meta = {"preprocess": {"input_size": [1, 8, 8], "mean": [0.5], "std": [0.5], "interpolation": "bilinear",
-                           "crop_pct": 1.0}}  # fmt: skip
+    meta = {
+        "preprocess": {
+            "input_size": [1, 8, 8],
+            "mean": [0.5],
+            "std": [0.5],
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        }
+    }
     pre = Preprocessor.from_model_json(meta, max_pixels=10**6)
     Image.new("L", (40, 30), 128).save(buf := io.BytesIO(), format="PNG")
     images = [pre.decode_header(buf.getvalue(), f"{i}.png") for i in range(3)]

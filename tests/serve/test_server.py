@@ -45,8 +45,9 @@ def test_tritonclient_talks_to_the_server(server, bundle):
     x = np.random.default_rng(1).standard_normal((4, 1, 16, 16)).astype(np.float32)
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=False)
-    result = client.infer("resnet10t", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=False)],
-                          request_id="abc")  # fmt: skip
+    result = client.infer(
+        "resnet10t", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=False)], request_id="abc"
+    )
     expected = ort.InferenceSession(str(bundle / "model.onnx")).run(None, {"input": x})[0]
     np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
     assert result.get_response()["id"] == "abc"
@@ -63,8 +64,13 @@ def test_tritonclient_binary_tensors_its_default(server, bundle):
     for outputs in (None, [triton.InferRequestedOutput("logits")], [triton.InferRequestedOutput("logits", False)]):
         result = client.infer("resnet10t", [inp], outputs=outputs)
         np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 1024}}]}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "parameters": {"binary_data_size": 1024}}
+            ]
+        }
+    ).encode()
     url = f"{server.url}/v2/models/resnet10t/infer"
     for length, payload, message in [
         ("abc", header + bytes(1024), "Inference-Header-Content-Length 'abc'"),
@@ -290,8 +296,10 @@ def test_a_client_that_disconnects_mid_body_is_a_499_and_one_log_line(bundle, di
     try:
         for path in ("/v1/predict", "/v2/models/resnet10t/infer"):
             with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             "Content-Length: 100000\r\n\r\n{\"images\": [".encode())  # fmt: skip
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    'Content-Length: 100000\r\n\r\n{"images": ['.encode()
+                )
                 time.sleep(0.3)
         time.sleep(0.5)
         metrics = httpx.get(f"{srv.url}/metrics").text

@@ -11,7 +11,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # the serving dependencies only (pyproject's full list adds the training stack)
-RUN pip3 install "onnxruntime-gpu>=1.18" "numpy>=1.24" "pillow>=10" "fastapi>=0.110" "uvicorn[standard]>=0.29" \
+RUN pip3 install "onnxruntime-gpu>=1.18" "numpy>=1.24" "pillow>=10" "fastapi>=0.110" "uvicorn[standard]>=0.55,<0.56" \
     "pydantic>=2.5" "pydantic-settings>=2.1" "python-multipart>=0.0.18" "prometheus-client>=0.19"
 
 WORKDIR /app

@@ -14,13 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_table, write_json  # noqa: E402
 from export.collapse import collapse, collapsed_state_dict, vanilla_model  # noqa: E402
+from export.measure import measure_latency  # noqa: E402
 from export.onnx_graph import count_flops, export_onnx, graph_signature  # noqa: E402
-from export.verify import measure_latency  # noqa: E402
 from mcc_train import create_model  # noqa: E402
 
 ARCHS = {  # arch: input size (C, H, W)
@@ -52,17 +53,15 @@ def main() -> None:
             ours, theirs = Path(tmp) / f"{arch}.onnx", Path(tmp) / f"{arch}_vanilla.onnx"
             export_onnx(collapse(mc), ours, size, 18)
             export_onnx(vanilla, theirs, size, 18)
-            import onnx
-
             same_graph = graph_signature(onnx.load(str(ours))) == graph_signature(onnx.load(str(theirs)))
             mflops = count_flops(onnx.load(str(ours))) / 1e6
             latency = measure_latency(ours, theirs, size, args.runs, batches=(1, 32))
             record[arch] = {"input": size, "mflops": mflops, "same_graph": same_graph, "latency": latency}
+            same, shape = "yes" if same_graph else "NO", f"{size[1]}x{size[2]}"
             for batch, r in latency.items():
                 rows.append(
-                    [arch, f"{size[1]}x{size[2]}", batch, f"{mflops:.1f}", "yes" if same_graph else "NO",
-                     r["vanilla_ms"], r["ours_ms"], f"{r['ratio']:.3f}"]
-                )  # fmt: skip
+                    [arch, shape, batch, f"{mflops:.1f}", same, r["vanilla_ms"], r["ours_ms"], f"{r['ratio']:.3f}"]
+                )
             print(f"{arch}: done", file=sys.stderr)
     print(f"\nonnxruntime CPU latency, 100 classes, medians of {args.runs} interleaved runs\n")
     table = print_table(

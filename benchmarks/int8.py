@@ -29,40 +29,38 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_table, write_json  # noqa: E402
 from benchmarks.serve_load import BIN, InProcess, ServerProcess, cpu_seconds, digit_pngs, run_load  # noqa: E402
+from mcc_serve.runtime.session import create_session  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+# the speed runs: trained briefly, so calibration sees real images
+SPEED_TRAIN = "--data digits --img-size 224 --in-chans 3 --subset 64 --epochs 1 --batch-size 32 --workers 0"
 
 
 def train_and_export(work: Path, name: str, train_args: list[str]) -> Path:
     run, bundle = work / name / "run", work / name / "bundle"
-    subprocess.run([str(BIN / "mcc-train"), *train_args, "--out", str(run), "--no-progress"], check=True,
-                   capture_output=True)  # fmt: skip
-    subprocess.run([str(BIN / "mcc-export"), str(run / "last.pt"), "--out", str(bundle), "--int8",
-                    "--latency-runs", "5"], check=True, capture_output=True)  # fmt: skip
+    train = [str(BIN / "mcc-train"), *train_args, "--out", str(run), "--no-progress"]
+    subprocess.run(train, check=True, capture_output=True)
+    export = [str(BIN / "mcc-export"), str(run / "last.pt"), "--out", str(bundle), "--int8", "--latency-runs", "5"]
+    subprocess.run(export, check=True, capture_output=True)
     return bundle
 
 
 def accuracy(work: Path) -> dict:
     if FASHION.is_dir():
-        args = ["--data", "fashion-mnist", "--arch", "resnet18", "--img-size", "28", "--in-chans", "3",
-                "--epochs", "2", "--batch-size", "128", "--workers", "1"]  # fmt: skip
+        args = "--data fashion-mnist --arch resnet18 --img-size 28 --in-chans 3 --epochs 2 --batch-size 128 --workers 1"
         what = "resnet18, Fashion-MNIST 28x28 as RGB, 2 epochs"
     else:
-        args = ["--data", "digits", "--arch", "resnet18", "--img-size", "32", "--in-chans", "3", "--epochs", "10",
-                "--workers", "0"]  # fmt: skip
+        args = "--data digits --arch resnet18 --img-size 32 --in-chans 3 --epochs 10 --workers 0"
         what = "resnet18, digits 32x32 as RGB, 10 epochs"
-    bundle = train_and_export(work, "accuracy", args)
+    bundle = train_and_export(work, "accuracy", args.split())
     int8 = json.loads((bundle / "parity.json").read_text())["int8"]
     return {"model": what, **int8}
 
 
 def in_process(bundle: Path, pngs: list[bytes], seconds: float) -> dict:
     """Model-only images/s at batch 32, fp32 and int8 alternating, each given ``seconds`` in total."""
-    import onnxruntime as ort
-
     meta = json.loads((bundle / "model.json").read_text())
-    sessions = {p: ort.InferenceSession(str(bundle / f), providers=["CPUExecutionProvider"])
-                for p, f in (("fp32", "model.onnx"), ("int8", "model_int8.onnx"))}  # fmt: skip
+    sessions = {"fp32": create_session(bundle / "model.onnx"), "int8": create_session(bundle / "model_int8.onnx")}
     x = np.random.default_rng(0).standard_normal((32, *meta["input"]["shape"][1:]), dtype=np.float32)
     spent, images = dict.fromkeys(sessions, 0.0), dict.fromkeys(sessions, 0)
     for s in sessions.values():
@@ -90,9 +88,43 @@ def served(bundle: Path, pngs: list[bytes], seconds: float) -> dict:
             after = reference.images_per_s(2)
         finally:
             server.stop()
-        out[precision] = {**r, "in_process_images_per_s": (before + after) / 2,
-                          "server_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / max(r["requests"], 1)}  # fmt: skip
+        out[precision] = {
+            **r,
+            "in_process_images_per_s": (before + after) / 2,
+            "server_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / max(r["requests"], 1),
+        }
     return out
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def accuracy_row(acc: dict) -> list:
+    drop = acc["top1_fp32"] - acc["top1_int8"]
+    low, high = acc["top1_change_ci95"]
+    change = f"{-drop:+.2f} points [{low:+.2f}, {high:+.2f}]"
+    what = f"top-1 on {acc['val_images']} val images ({acc['model']})"
+    fp32, int8 = f"{acc['top1_fp32']:.2f}%", f"{acc['top1_int8']:.2f}%"
+    return [what, "fp32 vs int8", fp32, int8, change, "drop <= 0.5", met(drop <= 0.5)]
+
+
+def in_process_row(arch: str, ips: dict) -> list:
+    ratio = ips["int8"] / ips["fp32"]
+    what = f"{arch} 3x224x224, in-process, batch 32 (img/s)"
+    return [what, "fp32 vs int8", ips["fp32"], ips["int8"], f"{ratio:.2f}x", ">= 2x", met(ratio >= 2)]
+
+
+def served_rows(arch: str, srv: dict) -> list[list]:
+    fp32, int8 = srv["fp32"]["images_per_s"], srv["int8"]["images_per_s"]
+    what = f"{arch} 3x224x224, served, concurrency 32 (img/s)"
+    rows = [[what, "fp32 vs int8", fp32, int8, f"{int8 / fp32:.2f}x", ">= 1.5x", met(int8 / fp32 >= 1.5)]]
+    for p in ("fp32", "int8"):
+        r = srv[p]
+        what = f"  {arch} served {p}: p50 / p99 ms, server CPU ms/req, vs in-process {p}"
+        vs_in_process = f"{r['images_per_s'] / r['in_process_images_per_s']:.2f}x"
+        rows.append([what, "", r["p50_ms"], r["p99_ms"], f"{r['server_cpu_ms_per_request']:.2f}", vs_in_process, ""])
+    return rows
 
 
 def main() -> None:
@@ -105,35 +137,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "accuracy" not in args.skip:
-            acc = record["accuracy"] = accuracy(work)
-            drop = acc["top1_fp32"] - acc["top1_int8"]
-            low, high = acc["top1_change_ci95"]
-            rows.append([f"top-1 on {acc['val_images']} val images ({acc['model']})", "fp32 vs int8",
-                         f"{acc['top1_fp32']:.2f}%", f"{acc['top1_int8']:.2f}%",
-                         f"{-drop:+.2f} points [{low:+.2f}, {high:+.2f}]",
-                         "drop <= 0.5", "yes" if drop <= 0.5 else "NO"])  # fmt: skip
+            record["accuracy"] = accuracy(work)
+            rows.append(accuracy_row(record["accuracy"]))
         for arch in ("resnet18", "resnet50"):
             if "speed" in args.skip and "served" in args.skip:
                 break
-            train = ["--data", "digits", "--arch", arch, "--img-size", "224", "--in-chans", "3", "--subset", "64",
-                     "--epochs", "1", "--batch-size", "32", "--workers", "0"]  # fmt: skip
-            bundle = train_and_export(work, arch, train)
+            bundle = train_and_export(work, arch, ["--arch", arch, *SPEED_TRAIN.split()])
             if "speed" not in args.skip:
-                ips = record[f"{arch}_in_process"] = in_process(bundle, pngs, args.seconds)
-                ratio = ips["int8"] / ips["fp32"]
-                rows.append([f"{arch} 3x224x224, in-process, batch 32 (img/s)", "fp32 vs int8", ips["fp32"],
-                             ips["int8"], f"{ratio:.2f}x", ">= 2x", "yes" if ratio >= 2 else "NO"])  # fmt: skip
+                record[f"{arch}_in_process"] = in_process(bundle, pngs, args.seconds)
+                rows.append(in_process_row(arch, record[f"{arch}_in_process"]))
             if "served" not in args.skip:
-                srv = record[f"{arch}_served"] = served(bundle, pngs, args.seconds)
-                ratio = srv["int8"]["images_per_s"] / srv["fp32"]["images_per_s"]
-                rows.append([f"{arch} 3x224x224, served, concurrency 32 (img/s)", "fp32 vs int8",
-                             srv["fp32"]["images_per_s"], srv["int8"]["images_per_s"], f"{ratio:.2f}x", ">= 1.5x",
-                             "yes" if ratio >= 1.5 else "NO"])  # fmt: skip
-                for p in ("fp32", "int8"):
-                    r = srv[p]
-                    rows.append([f"  {arch} served {p}: p50 / p99 ms, server CPU ms/req, vs in-process {p}", "",
-                                 r["p50_ms"], r["p99_ms"], f"{r['server_cpu_ms_per_request']:.2f}",
-                                 f"{r['images_per_s'] / r['in_process_images_per_s']:.2f}x", ""])  # fmt: skip
+                record[f"{arch}_served"] = served(bundle, pngs, args.seconds)
+                rows += served_rows(arch, record[f"{arch}_served"])
     headers = ["measurement", "compared", "fp32", "int8", "int8 / fp32", "target", "met"]
     print()
     table = print_table(headers, rows)

@@ -15,7 +15,7 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from mcc_serve import bundle as schema
+from mcc_serve.runtime import bundle as schema
 from mcc_serve.runtime.bundle import (
     CONFIG_JSON,
     FP16_FILE,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mcc_train import UsageError
 
+from .exporter import ExportConfig, VerificationError, export_checkpoint
+from .proof import verify_bundle
 from .quantize import CALIBRATION_IMAGES
 
 EPILOG = """examples:
@@ -35,11 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: as trained)")
     p.add_argument("--fp16", action="store_true", help="also write model_fp16.onnx and report its error")
-    p.add_argument("--int8", action="store_true",
-                   help="also write model_int8.onnx (onnxruntime static QDQ quantization, calibrated on training "
-                        "images) and record its top-1 beside fp32's")  # fmt: skip
-    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
-                   help=f"training images --int8 calibrates on (default: {CALIBRATION_IMAGES})")  # fmt: skip
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model_int8.onnx (onnxruntime static QDQ quantization, calibrated on training images) and "
+        "record its top-1 beside fp32's",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help=f"training images --int8 calibrates on (default: {CALIBRATION_IMAGES})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (mcc-train --model-ema)")
     p.add_argument("--verify", metavar="BUNDLE_DIR", help="verify an existing bundle instead of exporting")
@@ -53,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s", force=True)
     try:
-        from .exporter import ExportConfig, VerificationError, export_checkpoint
-        from .verify import verify_bundle
-
         if args.latency_runs < 1:
             raise UsageError(f"--latency-runs must be >= 1, got {args.latency_runs}")
         if args.verify:

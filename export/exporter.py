@@ -15,10 +15,11 @@ from pathlib import Path
 import onnx
 import timm
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from mcc_serve import bundle as schema
+from mcc_serve.runtime.bundle import FORMAT, VERSION, WEIGHTS, ModelJson
 from mcc_train import UsageError
 from mcc_train.model import timm_size_kwargs
 
@@ -47,10 +48,11 @@ from .collapse import (
     loss_settings,
     mc_settings,
 )
+from .measure import top1_report
 from .model_card import render_model_card
 from .onnx_graph import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
-from .quantize import CALIBRATION_IMAGES, calibrate_and_write, top1_report
-from .verify import Report, verify_bundle
+from .proof import Report, verify_bundle
+from .quantize import CALIBRATION_IMAGES, calibrate_and_write
 
 _logger = logging.getLogger("export")
 
@@ -70,8 +72,8 @@ class ExportConfig:
     calibration_images: int = CALIBRATION_IMAGES
 
     def validate(self) -> ExportConfig:
-        if self.weights not in schema.WEIGHTS:
-            raise UsageError(f"weights must be one of {', '.join(schema.WEIGHTS)}, got {self.weights!r}")
+        if self.weights not in WEIGHTS:
+            raise UsageError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if not 17 <= self.opset <= 23:
             raise UsageError(f"--opset must be between 17 and 23, got {self.opset}")
         if self.calibration_images < 1:
@@ -90,16 +92,7 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
     cfg.validate()
     loaded = load_trained(cfg.checkpoint, cfg.weights)
     ckpt = loaded.ckpt
-    dc = dict(ckpt["data_config"])
-    input_size = (loaded.in_chans, *(cfg.image_size or dc["input_size"][1:]))
-    fixed = getattr(timm.models.get_pretrained_cfg(loaded.arch), "fixed_input_size", False)
-    if fixed and tuple(input_size[1:]) != tuple(dc["input_size"][1:]):
-        raise UsageError(
-            f"--image-size {input_size[1]} {input_size[2]}: {loaded.arch} has a fixed input size, trained at "
-            f"{dc['input_size'][1]}x{dc['input_size'][2]}; drop --image-size"
-        )
-    if input_size[1] != input_size[2]:
-        raise UsageError("--image-size: H and W must be equal (timm's eval transform crops a square)")
+    input_size = export_input_size(loaded, cfg.image_size)
 
     with staged_bundle(Path(cfg.out), cfg.overwrite) as tmp:
         started = time.time()
@@ -113,11 +106,9 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         )
         collapsed = collapse(loaded.model)
         save_file(collapsed_state_dict(collapsed), str(tmp / WEIGHTS_FILE))
-        preprocess = preprocess_spec(dc, input_size)
-        model_args = {"in_chans": loaded.in_chans, **timm_size_kwargs(loaded.arch, loaded.img_size),
-                      **ckpt["config"].get("model_kwargs", {})}  # fmt: skip
-        write_timm_config(collapsed, tmp / CONFIG_JSON, list(ckpt["class_names"]), preprocess, model_args,
-                          cosine_config(head_variant(ckpt["config"])))  # fmt: skip
+        preprocess = preprocess_spec(ckpt["data_config"], input_size)
+        class_names, cosine = list(ckpt["class_names"]), cosine_config(head_variant(ckpt["config"]))
+        write_timm_config(collapsed, tmp / CONFIG_JSON, class_names, preprocess, timm_model_args(loaded), cosine)
         _logger.info("exporting ONNX (opset %d, input %s, dynamic batch)", cfg.opset, list(input_size))
         export_onnx(collapsed, tmp / ONNX_FILE, input_size, cfg.opset)
         files = {name: file_record(tmp / name) for name in (ONNX_FILE, WEIGHTS_FILE, CONFIG_JSON)}
@@ -126,13 +117,13 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
             files[FP16_FILE] = file_record(tmp / FP16_FILE)
         data = ckpt["config"].get("data")
         if cfg.int8:
-            calibrated = calibrate_and_write({"preprocess": preprocess, "in_chans": loaded.in_chans}, data,
-                                             tmp / ONNX_FILE, tmp / INT8_FILE, cfg.calibration_images)  # fmt: skip
+            calib_meta = {"preprocess": preprocess, "in_chans": loaded.in_chans}
+            calibrated = calibrate_and_write(calib_meta, data, tmp / ONNX_FILE, tmp / INT8_FILE, cfg.calibration_images)
             files[INT8_FILE] = file_record(tmp / INT8_FILE)
         try:  # written through the schema the server reads it with
-            meta = schema.validate_model_json(model_json(loaded, input_size, preprocess, files, cfg.opset))
-        except schema.BundleError as e:
-            raise UsageError(f"{cfg.checkpoint}: cannot describe it as a bundle: {e}") from None
+            meta = model_json(loaded, input_size, preprocess, files, cfg.opset).model_dump(mode="json")
+        except ValidationError as e:
+            raise UsageError(f"{cfg.checkpoint}: cannot describe it as a bundle: {schema_error(e)}") from None
         write_json(tmp / MODEL_JSON, meta)
         _logger.info("verifying the bundle (weights, timm config, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
@@ -141,8 +132,12 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
             _logger.info("scoring the fp32 and int8 models on the validation images of %s", data)
             int8 = top1_report(tmp / ONNX_FILE, tmp / INT8_FILE, meta, data)
             parity["int8"] = {"calibration_images": calibrated, **int8, "proof": report.int8}
-            _logger.info("top-1 fp32 %.2f%%, int8 %.2f%% on %d val images", int8["top1_fp32"], int8["top1_int8"],
-                         int8["val_images"])  # fmt: skip
+            _logger.info(
+                "top-1 fp32 %.2f%%, int8 %.2f%% on %d val images",
+                int8["top1_fp32"],
+                int8["top1_int8"],
+                int8["val_images"],
+            )
         parity["seconds"] = round(time.time() - started, 1)
         write_json(tmp / PARITY_JSON, parity)
         card = render_model_card(meta, report, Path(cfg.out).name, ckpt["config"].get("data"))
@@ -160,6 +155,34 @@ class VerificationError(Exception):
         self.report = report
 
 
+def export_input_size(loaded: LoadedCheckpoint, image_size: tuple[int, int] | None) -> tuple[int, int, int]:
+    """The (C, H, W) the bundle takes: ``--image-size`` (H, W), or the size the model was trained at.
+
+    Raises:
+        UsageError: an arch of fixed input size at another size, or H != W.
+    """
+    trained = tuple(loaded.ckpt["data_config"]["input_size"][1:])
+    input_size = (loaded.in_chans, *(image_size or trained))
+    fixed = getattr(timm.models.get_pretrained_cfg(loaded.arch), "fixed_input_size", False)
+    if fixed and tuple(input_size[1:]) != trained:
+        raise UsageError(
+            f"--image-size {input_size[1]} {input_size[2]}: {loaded.arch} has a fixed input size, trained at "
+            f"{trained[0]}x{trained[1]}; drop --image-size"
+        )
+    if input_size[1] != input_size[2]:
+        raise UsageError("--image-size: H and W must be equal (timm's eval transform crops a square)")
+    return input_size
+
+
+def timm_model_args(loaded: LoadedCheckpoint) -> dict:
+    """The ``timm.create_model`` arguments that rebuild the model: in_chans, its size arguments, its model_kwargs."""
+    return {
+        "in_chans": loaded.in_chans,
+        **timm_size_kwargs(loaded.arch, loaded.img_size),
+        **loaded.ckpt["config"].get("model_kwargs", {}),
+    }
+
+
 def preprocess_spec(data_config: dict, input_size: tuple[int, int, int]) -> dict:
     """timm's eval transform the bundle expects: the checkpoint's, at the exported input size."""
     return {
@@ -172,6 +195,7 @@ def preprocess_spec(data_config: dict, input_size: tuple[int, int, int]) -> dict
     }
 
 
+PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 PROVENANCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url")
 
 
@@ -211,50 +235,59 @@ def write_timm_config(
     if not timm_sets_preprocessing:
         for key in ("test_input_size", "test_crop_pct", "test_pool_size", "pool_size"):  # for the source's input
             pretrained_cfg.pop(key, None)
-        pretrained_cfg.update({k: preprocess[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct",
-                                                          "crop_mode")})  # fmt: skip
+        pretrained_cfg.update({k: preprocess[k] for k in PREPROCESS_KEYS})
         pretrained_cfg["num_classes"] = config["num_classes"]  # the arch's default cfg says 1000
     Path(path).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def model_json(
     loaded: LoadedCheckpoint, input_size: tuple[int, int, int], preprocess: dict, files: dict, opset: int
-) -> dict:
+) -> ModelJson:
+    """model.json for the collapsed ``loaded`` (pydantic's ValidationError when the checkpoint does not fit the
+    schema). The nested parts go in as dicts, so that an error names its whole path (``head.loss``)."""
     ckpt, cfg = loaded.ckpt, loaded.ckpt["config"]
-    return {
-        "format": schema.FORMAT,
-        "version": schema.VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "arch": loaded.arch,
-        "num_classes": loaded.num_classes,
-        "class_names": list(ckpt["class_names"]),
-        "in_chans": loaded.in_chans,
-        "model_kwargs": dict(cfg.get("model_kwargs", {})),
-        "input": {"name": INPUT_NAME, "shape": [None, *input_size], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": [None, loaded.num_classes], "dtype": "float32"},
-        "preprocess": preprocess,
-        "head": {
+    return ModelJson(
+        format=FORMAT,
+        version=VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        arch=loaded.arch,
+        num_classes=loaded.num_classes,
+        class_names=list(ckpt["class_names"]),
+        in_chans=loaded.in_chans,
+        model_kwargs=dict(cfg.get("model_kwargs", {})),
+        input={"name": INPUT_NAME, "shape": [None, *input_size], "dtype": "float32"},
+        output={"name": OUTPUT_NAME, "shape": [None, loaded.num_classes], "dtype": "float32"},
+        preprocess=preprocess,
+        head={
             "type": ckpt["head"],
             "classifier": loaded.classifier,
             **mc_settings(cfg).head_kwargs(),
             **head_variant(cfg),
         },
-        "source": {
+        source={
             "checkpoint": str(loaded.path.resolve()),
             "sha256": sha256_file(loaded.path),
             "epoch": ckpt["epoch"],
             "weights": loaded.weights,
         },
-        "metrics": loaded.metrics,
-        "files": files,
-        "onnx": {
+        metrics=loaded.metrics,
+        files=files,
+        onnx={
             "opset": opset,
             "exporter": "torch.onnx.export(dynamo=True)",
             "torch": torch.__version__,
             "timm": timm.__version__,
             "onnx": onnx.__version__,
         },
-    }
+    )
+
+
+def schema_error(e: ValidationError) -> str:
+    """The first of pydantic's errors as the bundle schema words it for a reader of model.json:
+    ``model.json: head.loss: Input should be ...``."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or MODEL_JSON
+    return f"{MODEL_JSON}: {field}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def write_fp16(src: Path, dst: Path) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mcc_train.margins import LOSSES
+from mcc_serve.runtime.choices import LOSSES
 
 from .collapse import COSINE_TIMM_CALL
-from .verify import MAX_ABS_TOL, Report
+from .proof import MAX_ABS_TOL, Report
 
 MAX_LISTED_CLASSES = 50  # more than this: the first ones, and a pointer to config.json's label_names
 TAGS = ("image-classification", "timm", "mcc", "multi-center-classifier", "onnx")

@@ -27,6 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset
 
+from mcc_serve.runtime.choices import IMAGE_SUFFIXES
+
 from .errors import UsageError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -42,7 +44,6 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATA_KINDS = ("digits", "fashion-mnist", "imagefolder", "cifar10", "cifar100")
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}  # palette (P) counts as colour
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -226,8 +227,8 @@ def _imagefolder(root: Path, spec: str, skip_bad_images: bool, wanted: tuple[str
     }
     started = time.monotonic()
     modes, bad = scan_images([p for p, _ in samples["train"]], [p for p, _ in samples["val"]])
-    _logger.info("checked %d image files in %.1fs (train headers, val decoded)", len(modes) + len(bad),
-                 time.monotonic() - started)  # fmt: skip
+    checked, seconds = len(modes) + len(bad), time.monotonic() - started
+    _logger.info("checked %d image files in %.1fs (train headers, val decoded)", checked, seconds)
     if bad and not skip_bad_images:
         for path, reason in bad:
             _logger.error("unreadable image: %s (%s)", path, reason)

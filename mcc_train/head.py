@@ -6,16 +6,13 @@ Conditional Gaussian Distribution"); names match the paper: ``weight`` (mean cen
 
 Shapes: B batch, d features, C classes, K sub-centers per class.
 
-Defaults (``MC_DEFAULTS``): the paper's settings (K=2, center weight 0.5, shared draw, L_sigma weight 1) with
-``sigma_scale`` 0.03 instead of 0.1; ``MC_PRESETS["paper"]`` (``--mc-preset paper``) keeps the paper's exact
-settings. Why (``benchmarks/accuracy.py``, docs/RESULTS.md: Fashion-MNIST, a CNN and a ViT, each with all data and
-with 10% of it, 5 seeds paired against the linear head): the paper's std 0.1 is absolute, so its effect depends
-on the classifier's weight scale. At initialisation its sub-centers sit 1.7 (CNN) and 5.1 (ViT) mean-center norms
-away, and it costs 0.54 [0.31, 0.77] points on the CNN and 4.0 [3.0, 5.0] and 5.3 [3.6, 7.0] on the ViT. Std
-0.03 ends training with offsets of 0.3-0.4 center norms and is not worse than linear in any cell (paired
-differences +0.03, +0.23, -0.37, -0.27 points); no setting showed a gain that holds on fresh seeds.
-``sigma_mode="relative"`` ties the offset to the weight scale directly: level with linear at 0.25-0.5, not better
-than absolute 0.03.
+Defaults (``MCSettings()``, ``MC_DEFAULTS``): the paper's settings (K=2, center weight 0.5, shared draw, L_sigma
+weight 1) with ``sigma_scale`` 0.03 instead of 0.1; ``MC_PRESETS["paper"]`` (``--mc-preset paper``) keeps the
+paper's exact settings. Why: the paper's std is absolute, so how far a sub-center sits from its mean center depends
+on the scale of the classifier's weights, which differs between backbones (timm starts a ViT's head with far smaller
+weights than a CNN's); the paper's 0.1 puts sub-centers several center norms away on some backbones, a small std
+keeps them near their means on any. ``sigma_mode="relative"`` ties the offset to the weight scale instead. (The
+study: docs/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -23,21 +20,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .margins import LOSSES, Margin, to_cosine_linear
+from mcc_serve.runtime.choices import LOSSES
+
+from .checks import NON_NEGATIVE, POSITIVE, UNIT, Valid, choice
+from .margins import Margin, to_cosine_linear
 
 SAMPLING_MODES = ("shared", "local")
 SIGMA_MODES = ("absolute", "relative")
 
 
+def _mc(default, valid: Valid):
+    return field(default=default, metadata={"valid": valid})
+
+
 @dataclass(frozen=True)
 class MCSettings:
-    """The MC hyperparameters, defined once: the head's, plus the loss's ``kl_weight``.
+    """The MC hyperparameters, defined once: the head's, plus the loss's ``kl_weight``. The defaults are mcc's
+    (``MC_DEFAULTS``); each field's valid range sits beside it, checked on construction (ValueError).
 
     Args:
         num_subcenters: K >= 1 sub-centers sampled per class and forward pass.
@@ -51,24 +56,43 @@ class MCSettings:
         kl_weight: weight of L_sigma in the loss (1 in the paper; 0 removes it).
     """
 
-    num_subcenters: int = 2
-    center_weight: float = 0.5
-    sigma_scale: float = 0.1
-    sigma_mode: str = "absolute"
-    sampling: str = "shared"
-    kl_weight: float = 1.0
+    num_subcenters: int = _mc(2, Valid(lambda k: isinstance(k, int) and k >= 1, "an integer >= 1"))
+    center_weight: float = _mc(0.5, UNIT)
+    sigma_scale: float = _mc(0.03, POSITIVE)
+    sigma_mode: str = _mc("absolute", choice(SIGMA_MODES))
+    sampling: str = _mc("shared", choice(SAMPLING_MODES))
+    kl_weight: float = _mc(1.0, NON_NEGATIVE)
+
+    def __post_init__(self):
+        check_mc(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def head_kwargs(self) -> dict:
         """The MultiCenterHead arguments (everything but the loss's kl_weight)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kl_weight"}
 
 
+MC_VALID = {f.name: f.metadata["valid"] for f in dataclasses.fields(MCSettings)}  # each MC setting's valid range
+
+
+def check_mc(loss: str = "softmax", **settings) -> None:
+    """Raise ValueError naming the first of ``settings`` (``MCSettings`` fields, by name) out of its range; with a
+    margin ``loss``, also ``sampling="local"``: the margin goes on sampled sub-center rows, which a local draw lacks.
+
+    The one check of MC settings: the head, the loss, ``MCSettings``, ``create_model`` and the CLI all call it (the
+    CLI through ``MC_VALID``, with the flag's name in the message).
+    """
+    for name, value in settings.items():
+        if not MC_VALID[name].test(value):
+            raise ValueError(MC_VALID[name].message(name, value))
+    if LOSSES[loss].has_margin and settings.get("sampling") == "local":
+        raise ValueError(f"--loss {loss} scores sampled sub-center rows: use --sampling shared")
+
+
+MC_DEFAULTS = MCSettings()
 MC_PRESETS = {
-    "paper": MCSettings(),  # the paper and the authors' code: K=2, 0.5, absolute std 0.1, shared draw, L_sigma 1
-    # mcc's default: the paper's but with std 0.03, the setting benchmarks/accuracy.py chose (docs/RESULTS.md)
-    "default": MCSettings(sigma_scale=0.03),
+    "paper": MCSettings(sigma_scale=0.1),  # the paper and the authors' code: K=2, 0.5, absolute std 0.1, shared draw
+    "default": MC_DEFAULTS,  # mcc's: the paper's with std 0.03 (why: the module docstring)
 }
-MC_DEFAULTS = MC_PRESETS["default"]
 
 
 class MultiCenterHead(nn.Module):
@@ -103,12 +127,17 @@ class MultiCenterHead(nn.Module):
         margin: Margin | None = None,
     ):
         super().__init__()
-        check_head_args(num_subcenters, center_weight, sigma_scale, sampling, sigma_mode)
-        if margin is not None and margin.kind.has_margin and sampling == "local":
-            raise ValueError(f"--loss {margin.loss} scores sampled sub-center rows: use --sampling shared")
+        check_mc(
+            "softmax" if margin is None else margin.loss,
+            num_subcenters=num_subcenters,
+            center_weight=center_weight,
+            sigma_scale=sigma_scale,
+            sampling=sampling,
+            sigma_mode=sigma_mode,
+        )
         self.margin = margin
         self.fused = False  # training math through torch.compile (``fuse_mc``); eval is F.linear either way
-        bias = bias and not (margin is not None and LOSSES[margin.loss].cosine)
+        bias = bias and not (margin is not None and margin.kind.cosine)
         self.in_features = in_features
         self.num_classes = num_classes
         self.num_subcenters = num_subcenters
@@ -164,12 +193,12 @@ class MultiCenterHead(nn.Module):
         draw = fused(draw_centers) if self.fused and not torch.compiler.is_compiling() else draw_centers
         if eps is None:
             eps = self._eager_noise((self.num_classes, self.num_subcenters, self.in_features), self.weight)
-        return draw(self.weight, self.log_var, self.num_subcenters, self.sigma_scale, self.sigma_mode == "relative",
-                    eps)  # fmt: skip
+        relative = self.sigma_mode == "relative"
+        return draw(self.weight, self.log_var, self.num_subcenters, self.sigma_scale, relative, eps)
 
     def _eager_noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-        """Standard normal noise drawn with ATen for a fused head on the CPU (inductor's CPU generator was 2x
-        slower); None elsewhere: eager draws it itself, and a compiled CUDA head draws it in-kernel."""
+        """Standard normal noise drawn with ATen for a fused head on the CPU, where ATen's generator is faster than
+        inductor's; None elsewhere: eager draws it itself, and a compiled CUDA head draws it in-kernel."""
         if not self.fused or like.device.type != "cpu":
             return None
         return torch.randn(shape, dtype=torch.promote_types(like.dtype, self.weight.dtype))
@@ -189,8 +218,8 @@ class MultiCenterHead(nn.Module):
             fn = fused(fn)
         C, K = self.num_classes, self.num_subcenters
         noise = self._eager_noise((len(x), C, K) if self.sampling == "local" else (C, K, self.in_features), x)
-        return fn(x, self.weight, self.log_var, self.bias, self.num_subcenters, self.sigma_scale,
-                  self.sigma_mode == "relative", noise)  # fmt: skip  # (B, d) -> (B, C*(K+1))
+        relative = self.sigma_mode == "relative"
+        return fn(x, self.weight, self.log_var, self.bias, K, self.sigma_scale, relative, noise)  # (B, C*(K+1))
 
     def kl_loss(self) -> torch.Tensor:
         """L_sigma = -0.5 * sum_{c,j} (1 + log_var - exp(log_var)) / C (eq. 10-11, authors' code)."""
@@ -332,28 +361,11 @@ def fuse_mc(model: nn.Module, loss_fn) -> None:
         loss_fn.fused = True
 
 
-def check_head_args(
-    num_subcenters: int,
-    center_weight: float,
-    sigma_scale: float,
-    sampling: str = "shared",
-    sigma_mode: str = "absolute",
-) -> None:
-    """Raise ValueError naming the first out-of-range MC hyperparameter."""
-    if not isinstance(num_subcenters, int) or num_subcenters < 1:
-        raise ValueError(f"num_subcenters (K) must be an integer >= 1, got {num_subcenters!r}")
-    if not 0 < center_weight <= 1:
-        raise ValueError(f"center_weight must be in (0, 1], got {center_weight!r}")
-    if not sigma_scale > 0:
-        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}")
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
-    if sigma_mode not in SIGMA_MODES:
-        raise ValueError(f"sigma_mode must be one of {', '.join(SIGMA_MODES)}, got {sigma_mode!r}")
-
-
 def multi_center_target(
-    target: torch.Tensor, num_classes: int, num_subcenters: int = 2, center_weight: float = 0.5
+    target: torch.Tensor,
+    num_classes: int,
+    num_subcenters: int = MC_DEFAULTS.num_subcenters,
+    center_weight: float = MC_DEFAULTS.center_weight,
 ) -> torch.Tensor:
     """Expand a target over C classes to the C*(K+1) interleaved outputs (eq. 8, generalised).
 
@@ -363,6 +375,7 @@ def multi_center_target(
     Args:
         target: class indices (B,) or a soft target (B, C) (label smoothing, mixup, cutmix).
     """
+    check_mc(num_subcenters=num_subcenters, center_weight=center_weight)
     if target.ndim == 1:
         target = F.one_hot(target.long(), num_classes).float()  # (B,) -> (B, C)
     if target.shape[-1] != num_classes:
@@ -383,6 +396,7 @@ class MultiCenterLoss:
     """
 
     def __init__(self, head: MultiCenterHead, kl_weight: float = MC_DEFAULTS.kl_weight):
+        check_mc(kl_weight=kl_weight)
         self.head = head
         self.kl_weight = kl_weight
         self.fused = False  # through torch.compile (``fuse_mc``)

@@ -1,6 +1,8 @@
 """Softmax variants with margins (the paper's table 6): L-Softmax, ArcFace and CosFace, for the MC and linear heads.
 
-One registry, ``LOSSES``, names each kind; the formulas below are the papers', written out for a check in minutes.
+The kinds, their defaults and the classifier each gives at test time are ``LOSSES`` (``mcc_serve.runtime.choices``,
+shared with export and serving; why these defaults: docs/RESULTS.md); the formulas below are the papers', written out
+for a check in minutes.
 Shapes: B batch, d features, R scored rows (C classes, or C*(K+1) extended centers), C classes.
 
 - ``softmax``: ``x . w_r + b_r``, no margin.
@@ -30,12 +32,13 @@ margin is computed in float32 whatever autocast is on (acos, sqrt and s * cos lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mcc_serve.runtime.choices import LOSSES, LossKind, one_of
 
 
 def cosine(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -76,35 +79,7 @@ def chebyshev(cos: torch.Tensor, m: int) -> torch.Tensor:
     return cur
 
 
-@dataclass(frozen=True)
-class LossKind:
-    """One softmax variant: its name in papers, whether its test-time logits are cosines, and its defaults."""
-
-    name: str
-    title: str
-    cosine: bool  # test time: s * cos(feature, center) (no bias) instead of x . w + b
-    margin: float  # default margin: m (an integer for L-Softmax)
-    scale: float | None  # default s; None: no scale (the logits keep the feature and weight norms)
-    on_target: Callable[[torch.Tensor, float], torch.Tensor] | None = None  # cosine kinds: cos(theta) -> with margin
-
-    @property
-    def has_margin(self) -> bool:
-        return self.margin > 0
-
-
-# NOTE: the defaults are the pivot of `python benchmarks/margin_sweep.py --jobs 2` (docs/RESULTS.md): Fashion-MNIST's
-# 10 classes, test_resnet, 6,000 images x 10 epochs, linear head, 2 seeds, paired with softmax. s = 64, the face-
-# recognition value (10^5 identities), trained below softmax in 4 of 4 runs (CosFace and ArcFace, -0.82 points on
-# average), s = 32 too (-0.64); s = 8 and 16 were level with it (+0.01, -0.02). No setting beat the pivot by more
-# than the noise (0.53 points), so it stays: CosFace m 0.2 s 16 (-0.09 to softmax; best, s 8: +0.03), ArcFace
-# m 0.3 s 16 (+0.04, the best). L-Softmax m 2 is the least harmful (-3.88; m 3, 4: -8.95, -9.50). No margin beat
-# plain softmax there, and with all 60,000 images (table 6, 5 seeds) every margin is below it (-0.6 to -3.1 points).
-LOSSES = {
-    "softmax": LossKind("softmax", "softmax", cosine=False, margin=0.0, scale=None),
-    "lsoftmax": LossKind("lsoftmax", "L-Softmax", cosine=False, margin=2.0, scale=None),
-    "cosface": LossKind("cosface", "CosFace", cosine=True, margin=0.2, scale=16.0, on_target=cosface),
-    "arcface": LossKind("arcface", "ArcFace", cosine=True, margin=0.3, scale=16.0, on_target=arcface),
-}
+ON_TARGET = {"cosface": cosface, "arcface": arcface}  # a cosine kind's target rows: cos(theta) -> with its margin
 LSOFTMAX_BASE = 1000.0  # the paper's lambda at the start; its decay rate comes from the run's length
 LSOFTMAX_MAX_MARGIN = 8  # the paper uses m = 1-4; cos(m theta) past 8 has no use and costs m steps per forward
 
@@ -150,14 +125,14 @@ class Margin:
             )
         target, self.target = self.target, None  # consumed: a stale target never scores another batch
         with torch.autocast(x.device.type, enabled=False):  # float32 margins whatever autocast is on
-            return self._train_logits(x.float(), weight.float(), None if bias is None else bias.float(), row_class,
-                                      target)  # fmt: skip
+            bias = None if bias is None else bias.float()
+            return self._train_logits(x.float(), weight.float(), bias, row_class, target)
 
     def _train_logits(self, x, weight, bias, row_class, target) -> torch.Tensor:
         is_target = row_class.unsqueeze(0) == target.unsqueeze(1)  # (B, R)
         if self.kind.cosine:
             cos = cosine(x, weight)  # (B, R)
-            return self.scale * torch.where(is_target, self.kind.on_target(cos, self.margin), cos)
+            return self.scale * torch.where(is_target, ON_TARGET[self.loss](cos, self.margin), cos)
         raw = F.linear(x, weight)  # (B, R): |w||x| cos(theta)
         norms = x.norm(dim=1, keepdim=True) * weight.norm(dim=1)  # (B, R)
         cos = (raw / norms.clamp_min(1e-12)).clamp(-1.0, 1.0)
@@ -177,7 +152,7 @@ class Margin:
 def check_margin_args(loss: str, margin: float, scale: float) -> None:
     """Raise ValueError naming the first bad margin setting."""
     if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise ValueError(one_of("loss", loss, LOSSES))
     kind = LOSSES[loss]
     if not (math.isfinite(margin) and math.isfinite(scale)):
         raise ValueError(f"the margin and scale must be finite, got {margin!r} and {scale!r}")
@@ -187,7 +162,7 @@ def check_margin_args(loss: str, margin: float, scale: float) -> None:
         )
     if kind.cosine and not 0 <= margin < 1:
         raise ValueError(f"the {loss} margin must be in [0, 1), got {margin!r}")
-    if LOSSES[loss].cosine and not scale > 0:
+    if kind.cosine and not scale > 0:
         raise ValueError(f"the {loss} scale s must be > 0, got {scale!r}")
 
 
@@ -195,7 +170,7 @@ def make_margin(loss: str, margin: float | None = None, scale: float | None = No
     """A ``Margin`` with the registry's defaults for what is not given."""
     kind = LOSSES.get(loss)
     if kind is None:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise ValueError(one_of("loss", loss, LOSSES))
     return Margin(loss, kind.margin if margin is None else margin, (kind.scale or 1.0) if scale is None else scale)
 
 
@@ -206,7 +181,7 @@ class MarginLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, num_classes: int, margin: Margin, bias: bool = True):
-        super().__init__(in_features, num_classes, bias=bias and not LOSSES[margin.loss].cosine)
+        super().__init__(in_features, num_classes, bias=bias and not margin.kind.cosine)
         self.margin = margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,13 @@ import timm
 import torch
 from torch import nn
 
+from mcc_serve.runtime.choices import HEAD_TYPES, one_of
+
 from .errors import UsageError
-from .head import MC_DEFAULTS, MCSettings, MultiCenterHead, check_head_args
-from .margins import MarginLinear, make_margin, to_cosine_linear
+from .head import MC_DEFAULTS, MC_VALID, MCSettings, MultiCenterHead, check_mc
+from .margins import Margin, MarginLinear, make_margin, to_cosine_linear
 
 _logger = logging.getLogger(__name__)
-
-HEADS = ("mc", "linear")
 
 
 def classifier_path(model: nn.Module) -> str:
@@ -75,59 +75,91 @@ def create_model(
         margin, margin_scale: its m and s (None: the registry's defaults).
         **kwargs: MCSettings fields, the rest passed to ``timm.create_model`` (``drop_rate``, ``patch_size``, ...).
     """
-    if head not in HEADS:
-        raise UsageError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    mc_fields = {f.name for f in dataclasses.fields(MCSettings)}
-    mc = dataclasses.replace(mc, **{k: kwargs.pop(k) for k in list(kwargs) if k in mc_fields})
-    timm_kwargs = kwargs
-    try:
-        variant = make_margin(loss, margin, margin_scale)
-        if head == "mc":
-            check_head_args(mc.num_subcenters, mc.center_weight, mc.sigma_scale, mc.sampling, mc.sigma_mode)
-            if variant.kind.has_margin and mc.sampling == "local":
-                raise ValueError(f"--loss {loss} scores sampled sub-center rows: use --sampling shared")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
-        raise UsageError(f"unknown arch {arch!r}{hint}")
+    mc_kwargs = {k: v for k, v in kwargs.items() if k in MC_VALID}
+    timm_kwargs = {k: v for k, v in kwargs.items() if k not in MC_VALID}
+    mc, variant = resolve_head(head, mc, mc_kwargs, loss, margin, margin_scale)
+    check_arch(arch)
     timm_kwargs = timm_size_kwargs(arch, img_size) | timm_kwargs
     model = _build(arch, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     path = classifier_path(model)
     if pretrained_file is not None:
-        overlay = pretrained_overlay(model, arch, pretrained_file, path)
-        try:
-            model = timm.create_model(
-                arch,
-                pretrained=True,
-                pretrained_cfg_overlay=overlay,
-                num_classes=num_classes,
-                in_chans=in_chans,
-                **timm_kwargs,
-            )
-        except Exception as e:  # whatever timm or the arch's key remapping raises on weights it cannot take
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            keyed = [line for line in lines if "key" in line.lower() or "size mismatch" in line]
-            detail = (keyed or lines or [""])[0][:200]
-            raise UsageError(
-                f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} ({type(e).__name__}: {detail})"
-            ) from None
-        notes = [f"input conv adapted from {overlay['input_size'][0]} to {in_chans} channels"] * (
-            "input_size" in overlay and overlay["input_size"][0] != in_chans
+        model = build_pretrained(model, arch, pretrained_file, path, num_classes, in_chans, timm_kwargs)
+    return replace_classifier(model, path, head, mc, variant)
+
+
+def resolve_head(
+    head: str, mc: MCSettings, mc_kwargs: dict, loss: str, margin: float | None, margin_scale: float | None
+) -> tuple[MCSettings, Margin | None]:
+    """The MC settings (``mc`` with ``mc_kwargs`` in place of its fields) and the softmax variant (None: plain
+    softmax) of a ``create_model`` call, checked before anything is built; UsageError names the first bad one."""
+    if head not in HEAD_TYPES:
+        raise UsageError(one_of("head", head, HEAD_TYPES))
+    try:
+        mc = dataclasses.replace(mc, **mc_kwargs)
+        variant = make_margin(loss, margin, margin_scale)
+        if head == "mc":
+            check_mc(loss, sampling=mc.sampling)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return mc, variant if variant.kind.has_margin else None
+
+
+def check_arch(arch: str) -> None:
+    """UsageError for a name timm does not know, with similar names it does."""
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"
+        raise UsageError(f"unknown arch {arch!r}{hint}")
+
+
+def build_pretrained(
+    model: nn.Module,
+    arch: str,
+    pretrained_file: str | Path,
+    classifier: str,
+    num_classes: int,
+    in_chans: int,
+    timm_kwargs: dict,
+) -> nn.Module:
+    """``arch`` built again by timm with ``pretrained_file``'s weights (``model``: the same arch, freshly built,
+    that the file is checked against); logs what timm adapted."""
+    overlay = pretrained_overlay(model, arch, pretrained_file, classifier)
+    try:
+        model = timm.create_model(
+            arch,
+            pretrained=True,
+            pretrained_cfg_overlay=overlay,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **timm_kwargs,
         )
-        if overlay["num_classes"] < 0:
-            notes.append("it has no classifier: a new one")
-        elif overlay["num_classes"] != num_classes:
-            notes.append(f"its {overlay['num_classes']}-class classifier dropped: a new one")
-        _logger.info("initialised %s from %s%s", arch, pretrained_file, f" ({'; '.join(notes)})" if notes else "")
+    except Exception as e:  # whatever timm or the arch's key remapping raises on weights it cannot take
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        keyed = [line for line in lines if "key" in line.lower() or "size mismatch" in line]
+        detail = (keyed or lines or [""])[0][:200]
+        raise UsageError(
+            f"--pretrained-file {pretrained_file}: timm cannot load it into {arch} ({type(e).__name__}: {detail})"
+        ) from None
+    notes = []
+    if "input_size" in overlay and overlay["input_size"][0] != in_chans:
+        notes.append(f"input conv adapted from {overlay['input_size'][0]} to {in_chans} channels")
+    if overlay["num_classes"] < 0:
+        notes.append("it has no classifier: a new one")
+    elif overlay["num_classes"] != num_classes:
+        notes.append(f"its {overlay['num_classes']}-class classifier dropped: a new one")
+    _logger.info("initialised %s from %s%s", arch, pretrained_file, f" ({'; '.join(notes)})" if notes else "")
+    return model
+
+
+def replace_classifier(model: nn.Module, path: str, head: str, mc: MCSettings, variant: Margin | None) -> nn.Module:
+    """``model`` with its linear classifier at ``path`` replaced by the MC head (or, for a linear head with a softmax
+    variant, a MarginLinear), starting from the same weight and bias; a plain linear head stays as it is."""
     linear = model.get_submodule(path)
-    variant = variant if variant.kind.has_margin else None
+    bias = linear.bias is not None
     if head == "mc":
-        new = MultiCenterHead(linear.in_features, num_classes, bias=linear.bias is not None, margin=variant,
-                              **mc.head_kwargs())  # fmt: skip
+        new = MultiCenterHead(linear.in_features, linear.out_features, bias=bias, margin=variant, **mc.head_kwargs())
     elif variant is not None:
-        new = MarginLinear(linear.in_features, num_classes, variant, bias=linear.bias is not None)
+        new = MarginLinear(linear.in_features, linear.out_features, variant, bias=bias)
     else:
         return model
     with torch.no_grad():  # same starting point as the linear baseline

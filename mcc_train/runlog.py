@@ -9,9 +9,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from mcc_serve.runtime.choices import LOSSES
+
 from .checkpoint import atomic_write
 from .config import TrainConfig, save_yaml
-from .margins import LOSSES
 from .plots import plot_curves
 
 _logger = logging.getLogger("mcc_train")
@@ -68,13 +69,13 @@ class RunLog:
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=len(self.rows) + 1)
         cfg = self.cfg
         variant = f" + {LOSSES[cfg.loss].title}" if LOSSES[cfg.loss].has_margin else ""
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        amp = f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else ""
         _logger.info(
-            "%s %s head%s, %d classes, %d train / %d val images, in_chans %d (%s), %.2fM params, %s x%d%s, "
-            "%d steps/epoch per rank",
-            cfg.arch, cfg.head, variant, splits.num_classes, len(splits.train), len(splits.val), in_chans, channels,
-            sum(p.numel() for p in model.parameters()) / 1e6, rt.device, rt.world_size,
-            f", amp {str(rt.amp_dtype).split('.')[-1]}" if rt.amp_dtype else "", steps,
-        )  # fmt: skip
+            f"{cfg.arch} {cfg.head} head{variant}, {splits.num_classes} classes, {len(splits.train)} train / "
+            f"{len(splits.val)} val images, in_chans {in_chans} ({channels}), {params:.2f}M params, {rt.device} "
+            f"x{rt.world_size}{amp}, {steps} steps/epoch per rank"
+        )
 
     def saved(self) -> None:
         """This run's checkpoint is on disk: the older run's files go for good."""
@@ -98,7 +99,7 @@ class RunLog:
                 ("top5", "top5", ".2f"),
                 ("ema_top1", "ema_top1", ".2f"),
                 ("sub_center_std", "std", ".4f"),
-            )  # fmt: skip
+            )
             if metrics.get(key) is not None
         )
         _logger.info(

@@ -99,8 +99,8 @@ def test_kill_9_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([PYTHON, "-m", "mcc_train", *FAST_TRAIN, "--epochs", "50", "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [PYTHON, "-m", "mcc_train", *FAST_TRAIN, "--epochs", "50", "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -131,7 +131,7 @@ def test_resume_past_the_last_epoch_says_so(trained_run, capsys):
         (["--data", "fashion-mnist:/no/such/dir"], "no directory /no/such/dir"),
         (["--data", "imagefolder:/no/such/dir"], "no directory /no/such/dir"),
         (["--data", "mnist"], "unknown dataset 'mnist'"),
-        (["--num-subcenters", "0"], "--num-subcenters must be >= 1"),
+        (["--num-subcenters", "0"], "--num-subcenters must be an integer >= 1"),
         (["--center-weight", "0"], "--center-weight must be in (0, 1]"),
         (["--center-weight", "1.5"], "--center-weight must be in (0, 1]"),
         (["--lr", "-0.1"], "--lr must be > 0"),
@@ -157,8 +157,8 @@ def test_bad_yaml_keys_and_values(tmp_path, capsys):
 
 def folder_args(root, out, batch_size=6, workers=0) -> list[str]:
     """A 1-epoch resnet10t run on an image folder."""
-    return ["--arch", "resnet10t", "--img-size", "16", "--batch-size", str(batch_size), "--workers", str(workers),
-            "--epochs", "1", "--data", f"imagefolder:{root}", "--out", str(out)]  # fmt: skip
+    run = ["--arch", "resnet10t", "--img-size", "16", "--epochs", "1", "--data", f"imagefolder:{root}"]
+    return [*run, "--batch-size", str(batch_size), "--workers", str(workers), "--out", str(out)]
 
 
 def test_imagefolder_trains_and_keeps_class_names(tmp_path):

@@ -61,7 +61,7 @@ def test_model_kwargs_are_parsed_as_yaml_scalars_and_reach_timm(tmp_path):
     "args, message",
     [
         (["--mc-preset", "fancy"], "--mc-preset must be one of paper, default, got 'fancy'"),
-        (["--sigma-mode", "proportional"], "--sigma-mode must be absolute or relative"),
+        (["--sigma-mode", "proportional"], "--sigma-mode must be one of absolute, relative, got 'proportional'"),
         (["--model-kwargs", "patch_size"], "--model-kwargs: expected KEY=VALUE pairs"),
         (["--model-kwargs", "num_classes=3"], "--model-kwargs may not set num_classes"),
         (["--model-kwargs", "sigma_scale=3"], "--model-kwargs may not set sigma_scale"),

@@ -167,6 +167,8 @@ def test_local_sampling_matches_shared_per_sample_mean_and_variance(sigma_mode):
 def test_out_of_range_hyperparameters_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MultiCenterHead(4, 3, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        MCSettings(**kwargs)
 
 
 def test_relative_std_is_sigma_times_each_class_weights_rms():
@@ -203,9 +205,9 @@ def test_offset_ratio_and_logit_std_by_hand():
 
 def test_paper_preset_is_the_papers_settings():
     paper = MC_PRESETS["paper"]
-    assert paper == MCSettings(num_subcenters=2, center_weight=0.5, sigma_scale=0.1, sigma_mode="absolute",
-                               sampling="shared", kl_weight=1.0)  # fmt: skip
-    assert MC_PRESETS["default"] is MC_DEFAULTS
+    paper_settings = {"center_weight": 0.5, "sigma_scale": 0.1, "sigma_mode": "absolute", "sampling": "shared"}
+    assert paper == MCSettings(num_subcenters=2, kl_weight=1.0, **paper_settings)
+    assert MC_PRESETS["default"] is MC_DEFAULTS and MCSettings() == MC_DEFAULTS
     head = MultiCenterHead(8, 3)
     assert (head.num_subcenters, head.center_weight, head.sigma_scale, head.sigma_mode, head.sampling) == (
         MC_DEFAULTS.num_subcenters,

@@ -53,8 +53,21 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def make_state(*, cfg, data, model, optimizer, scheduler, scaler, ema, epoch: int, metrics: dict, best: tuple,
-               schedule: dict, early_stopped: bool = False) -> dict:  # fmt: skip
+def make_state(
+    *,
+    cfg,
+    data,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    ema,
+    epoch: int,
+    metrics: dict,
+    best: tuple,
+    schedule: dict,
+    early_stopped: bool = False,
+) -> dict:
     """The checkpoint dict of the schema above. ``data``: (class_names, in_chans, data_config); ``best``:
     (best_top1, best_epoch); ``ema``: timm's ModelEmaV3 or None."""
     class_names, in_chans, data_config = data

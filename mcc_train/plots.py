@@ -20,8 +20,8 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
     if not rows:
         return
     epochs = [int(r["epoch"]) for r in rows]
-    col = {k: [float(r[k]) if r.get(k) else None for r in rows] for k in ("train_loss", "eval_loss", "top1", "top5",
-                                                                           "ema_top1")}  # fmt: skip
+    keys = ("train_loss", "eval_loss", "top1", "top5", "ema_top1")
+    col = {k: [float(r[k]) if r.get(k) else None for r in rows] for k in keys}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(
         epochs, col["train_loss"], "o-", label="train (MC target + L_sigma)" if rows[0]["sub_center_std"] else "train"

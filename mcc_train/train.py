@@ -155,8 +155,8 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
     steps, accum = len(loader), cfg.grad_accum_steps
     total, count = torch.zeros((), device=rt.device), 0
     watch = LossWatch(rt.device, epoch)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if rt.is_main and cfg.progress else True,
-               leave=False)  # fmt: skip
+    disable = None if rt.is_main and cfg.progress else True  # tqdm's None: shown on a terminal only
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=disable, leave=False)
     step.optimizer.zero_grad(set_to_none=True)
     for i, (images, target) in enumerate(bar):
         images = images.to(rt.device, non_blocking=True)
@@ -171,8 +171,8 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
         cycle_len = min(accum, steps - cycle_start)  # the epoch's last cycle may be shorter
         update = i + 1 == cycle_start + cycle_len
         sync = rt.distributed and not update  # DDP all-reduces gradients only on the cycle's last micro-batch
-        set_margin_target(step.model.get_classifier(), soft, epoch * step.updates_per_epoch + i // accum,
-                          cfg.epochs * step.updates_per_epoch)  # fmt: skip
+        done = epoch * step.updates_per_epoch + i // accum  # optimizer updates before this micro-batch's
+        set_margin_target(step.model.get_classifier(), soft, done, cfg.epochs * step.updates_per_epoch)
         with step.ddp_model.no_sync() if sync else contextlib.nullcontext():
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 logits = step.ddp_model(images)  # (B, C*(K+1)) for MC, (B, C) for linear
@@ -185,10 +185,9 @@ def train_one_epoch(step: Step, loader, cfg: TrainConfig, rt: Runtime, epoch: in
             step.scaler.step(step.optimizer)
             step.scaler.update()
             step.optimizer.zero_grad(set_to_none=True)
-            num_updates = epoch * step.updates_per_epoch + i // accum + 1
-            step.scheduler.step_update(num_updates=num_updates)
+            step.scheduler.step_update(num_updates=done + 1)
             if step.ema is not None:
-                step.ema.update(step.model, step=num_updates)
+                step.ema.update(step.model, step=done + 1)
         total += loss.detach() * len(images)
         count += len(images)
         shown = watch.push(loss, i)  # the previous step's loss: this step stays queued on the device
@@ -453,17 +452,28 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict:
             stop = cfg.early_stop_patience is not None and epoch + 1 - best[1] >= cfg.early_stop_patience
             if log is not None:
                 log.epoch(metrics)  # before the checkpoint: a resume trims rows past it
-                state = make_state(cfg=cfg, data=(splits.class_names, in_chans, data_config), model=model,
-                                   optimizer=step.optimizer, scheduler=step.scheduler, scaler=step.scaler,
-                                   ema=step.ema, epoch=epoch + 1, metrics=metrics, best=best, schedule=schedule,
-                                   early_stopped=stop)  # fmt: skip
+                state = make_state(
+                    cfg=cfg,
+                    data=(splits.class_names, in_chans, data_config),
+                    model=model,
+                    optimizer=step.optimizer,
+                    scheduler=step.scheduler,
+                    scaler=step.scaler,
+                    ema=step.ema,
+                    epoch=epoch + 1,
+                    metrics=metrics,
+                    best=best,
+                    schedule=schedule,
+                    early_stopped=stop,
+                )
                 save_checkpoint(state, out / "last.pt")
                 if is_best:
                     save_checkpoint(state, out / "best.pt")
                 log.saved()
             if stop:
-                _logger.info("early stop: no better top-1 for %d epochs (best %.2f at epoch %d)",
-                             cfg.early_stop_patience, *best)  # fmt: skip
+                _logger.info(
+                    "early stop: no better top-1 for %d epochs (best %.2f at epoch %d)", cfg.early_stop_patience, *best
+                )
                 break
     finally:
         if log is not None:
@@ -505,14 +515,17 @@ def build_step(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime, num_classe
     optimizer = build_optimizer(model, cfg, classifier_path(model))
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=num_classes)  # fmt: skip
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
+        )
     loss_fn = MultiCenterLoss(head, cfg.kl_weight) if head is not None else SoftTargetCrossEntropy()
     if cfg.compile != "none" and head is not None:
         fuse_mc(model, loss_fn)  # the MC head's training math and loss compiled (also under --compile model)
     elif cfg.compile == "head":
-        _logger.info("--compile head: a linear head has no MC math to fuse; it trains eagerly (--compile model "
-                     "compiles the whole model)")  # fmt: skip
+        _logger.info(
+            "--compile head: a linear head has no MC math to fuse; it trains eagerly (--compile model "
+            "compiles the whole model)"
+        )
     return Step(
         model=model,
         ddp_model=model,
@@ -582,17 +595,22 @@ def restore(resume: dict, step: Step, cfg: TrainConfig, schedule: dict) -> tuple
         for group, values in zip(step.optimizer.param_groups, hyper, strict=True):
             group.update(values)  # --lr, --weight-decay, --momentum, --head-lr-scale given now
     else:
-        _logger.info("resume: the optimizer's parameter groups changed (--opt, --head-lr-scale or --layer-decay); "
-                     "its moments start afresh")  # fmt: skip
+        _logger.info(
+            "resume: the optimizer's parameter groups changed (--opt, --head-lr-scale or --layer-decay); "
+            "its moments start afresh"
+        )
     if resume.get("scaler"):
         step.scaler.load_state_dict(resume["scaler"])
     step.scheduler.step_update(start_epoch * step.updates_per_epoch)  # the schedule cfg plans, where the run is
-    old = resume.get("schedule") or {"epochs": saved.get("epochs"), "sched": saved.get("sched", "cosine"),
-                                     "updates_per_epoch": step.updates_per_epoch}  # fmt: skip
+    old = resume.get("schedule") or {
+        "epochs": saved.get("epochs"),
+        "sched": saved.get("sched", "cosine"),
+        "updates_per_epoch": step.updates_per_epoch,
+    }
     if old != schedule:
+        lr = step.optimizer.param_groups[0]["lr"]
         _logger.info(
-            "resume: schedule re-planned for %d epochs of %d updates (%s; was %s epochs of %s, %s); lr now %.2e",
-            cfg.epochs, step.updates_per_epoch, cfg.sched, old["epochs"], old["updates_per_epoch"], old["sched"],
-            step.optimizer.param_groups[0]["lr"],
-        )  # fmt: skip
+            f"resume: schedule re-planned for {cfg.epochs} epochs of {step.updates_per_epoch} updates ({cfg.sched}; "
+            f"was {old['epochs']} epochs of {old['updates_per_epoch']}, {old['sched']}); lr now {lr:.2e}"
+        )
     return start_epoch, (resume["best_top1"], resume["best_epoch"])

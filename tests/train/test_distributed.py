@@ -29,8 +29,8 @@ def check_a_two_rank_run(out, log: str) -> None:
     assert re.search(r"cpu x2, 4 steps/epoch per rank", log), log[-2000:]  # 4 steps per rank, not 8
     assert len(re.findall(r"^epoch 1/2 ", log, re.M)) == 1  # metrics logged once, by rank 0
     assert log.count("mcc-train: done:") == 1
-    assert {p.name for p in out.iterdir()} - {"tensorboard"} == {"best.pt", "config.yaml", "curves.png", "last.pt",
-                                                               "metrics.csv"}  # fmt: skip
+    written = {"best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv"}
+    assert {p.name for p in out.iterdir()} - {"tensorboard"} == written
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -48,8 +48,8 @@ def check_a_two_rank_run(out, log: str) -> None:
 
 def test_torchrun_with_a_frozen_epoch_accumulation_balanced_draws_and_ema(tmp_path):
     out = tmp_path / "ddp"
-    args = [*FAST_TRAIN, "--batch-size", "16", "--epochs", "2", "--out", out, "--freeze-backbone-epochs", "1",
-            "--grad-accum-steps", "2", "--balanced-sampler", "--model-ema"]  # fmt: skip
+    flags = ["--batch-size", "16", "--epochs", "2", "--freeze-backbone-epochs", "1", "--grad-accum-steps", "2"]
+    args = [*FAST_TRAIN, *flags, "--balanced-sampler", "--model-ema", "--out", out]
     proc = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mcc_train", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(out / "last.pt")
@@ -100,7 +100,7 @@ def start_two_nodes(out, *extra) -> list:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
 

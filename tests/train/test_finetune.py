@@ -29,6 +29,10 @@ def imagenet_style(tmp_path_factory):
     return d, source.state_dict()
 
 
+# a run that never gets better: an early stop is certain
+STILL = ["--lr", "1e-12", "--warmup-lr", "1e-12", "--min-lr", "0"]
+
+
 def run(tmp_path, name, *extra):
     return main([*FAST_TRAIN, "--epochs", "1", "--out", str(tmp_path / name), *map(str, extra)])
 
@@ -160,8 +164,7 @@ def test_ema_grad_accumulation_and_early_stop(tmp_path, capsys):
     assert "ema_top1" not in ckpt["metrics"]  # the model's own metrics stay apart from the EMA's
 
     capsys.readouterr()
-    assert run(tmp_path, "stop", "--epochs", "10", "--lr", "1e-12", "--warmup-lr", "1e-12", "--min-lr", "0",
-               "--early-stop-patience", "2") == 0  # fmt: skip
+    assert run(tmp_path, "stop", *STILL, "--epochs", "10", "--early-stop-patience", "2") == 0
     assert "early stop: no better top-1 for 2 epochs" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "stop" / "last.pt")["epoch"] == 3
 
@@ -217,8 +220,7 @@ def test_resume_takes_another_optimizer_or_head_lr_and_refuses_other_data(tmp_pa
 
 def test_resume_goes_in_place_and_an_early_stop_is_final(tmp_path, capsys):
     out = tmp_path / "stop"
-    assert run(tmp_path, "stop", "--epochs", "6", "--lr", "1e-12", "--warmup-lr", "1e-12", "--min-lr", "0",
-               "--early-stop-patience", "1") == 0  # fmt: skip
+    assert run(tmp_path, "stop", *STILL, "--epochs", "6", "--early-stop-patience", "1") == 0
     assert load_checkpoint(out / "last.pt")["early_stopped"]
     moved = tmp_path / "moved"
     out.rename(moved)  # the run moved: --resume continues where the checkpoint is, not at the old --out

@@ -17,11 +17,12 @@ def export_and_prove(config: ExportConfig) -> bool:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+GPU_RUN = ["--arch", "resnet18", "--img-size", "32", "--workers", "2", "--no-progress"]  # and --device, data, --out
 
 
 def test_amp_channels_last_training_and_export(tmp_path):
-    args = ["--arch", "resnet18", "--img-size", "32", "--subset", "256", "--batch-size", "64", "--epochs", "2",
-            "--device", "cuda", "--workers", "2", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    data = ["--subset", "256", "--batch-size", "64", "--epochs", "2"]
+    args = [*GPU_RUN, "--device", "cuda", *data, "--out", str(tmp_path / "run")]
     assert main(args) == 0
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert all(v.device.type == "cpu" for v in ckpt["model"].values())  # loadable anywhere
@@ -35,10 +36,10 @@ def fine_tune_args(tmp_path, device: str) -> list[str]:
 
     torch.manual_seed(0)
     save_file(timm.create_model("resnet18", num_classes=1000).state_dict(), str(tmp_path / "w.safetensors"))
-    return ["--arch", "resnet18", "--img-size", "32", "--subset", "256", "--batch-size", "32", "--epochs", "2",
-            "--device", device, "--workers", "2", "--no-progress", "--out", str(tmp_path / "ft"),
-            "--pretrained-file", str(tmp_path / "w.safetensors"), "--freeze-backbone-epochs", "1",
-            "--head-lr-scale", "10", "--model-ema", "--grad-accum-steps", "2", "--balanced-sampler"]  # fmt: skip
+    data = ["--subset", "256", "--batch-size", "32", "--epochs", "2", "--freeze-backbone-epochs", "1"]
+    extras = ["--head-lr-scale", "10", "--model-ema", "--grad-accum-steps", "2", "--balanced-sampler"]
+    files = ["--out", str(tmp_path / "ft"), "--pretrained-file", str(tmp_path / "w.safetensors")]
+    return [*GPU_RUN, "--device", device, *data, *extras, *files]
 
 
 def test_fine_tuning_with_ema_and_accumulation_then_ema_export(tmp_path):
@@ -57,9 +58,8 @@ def test_fine_tuning_with_ema_and_accumulation_then_ema_export(tmp_path):
 def test_margin_heads_under_amp_export_with_their_proof(tmp_path, loss):
     """MC + a softmax variant under bf16/fp16 autocast and channels_last (the margin runs in float32), then the
     export's proof: the baseline cosine model for ArcFace, the vanilla linear one for L-Softmax."""
-    args = ["--arch", "resnet18", "--img-size", "32", "--subset", "256", "--batch-size", "64", "--epochs", "2",
-            "--device", "cuda", "--workers", "2", "--no-progress", "--out", str(tmp_path / "run"),
-            "--loss", loss]  # fmt: skip
+    data = ["--subset", "256", "--batch-size", "64", "--epochs", "2"]
+    args = [*GPU_RUN, "--device", "cuda", *data, "--out", str(tmp_path / "run"), "--loss", loss]
     assert main(args) == 0
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -121,9 +121,8 @@ def test_the_cuda_step_path_never_syncs(tmp_path):
     train_module.train_one_epoch = counted
     try:
         for subset in (128, 384):
-            args = ["--arch", "resnet18", "--img-size", "32", "--subset", str(subset), "--batch-size", "32",
-                    "--epochs", "1", "--device", "cuda", "--workers", "2", "--no-progress",
-                    "--out", str(tmp_path / str(subset))]  # fmt: skip
+            data = ["--subset", str(subset), "--batch-size", "32", "--epochs", "1"]
+            args = [*GPU_RUN, "--device", "cuda", *data, "--out", str(tmp_path / str(subset))]
             assert main(args) == 0
     finally:
         train_module.train_one_epoch = one_epoch

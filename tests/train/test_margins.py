@@ -167,8 +167,8 @@ def test_the_training_loop_sets_every_forwards_target_and_the_run_position(tmp_p
         return original(self, x, weight, bias, row_class, target)
 
     monkeypatch.setattr(Margin, "_train_logits", spy)
-    args = [*FAST_TRAIN, "--epochs", "2", "--out", str(tmp_path / "o"), "--loss", "lsoftmax", "--mixup", "0.2",
-            "--grad-accum-steps", "2"]  # fmt: skip
+    flags = ["--epochs", "2", "--loss", "lsoftmax", "--mixup", "0.2", "--grad-accum-steps", "2"]
+    args = [*FAST_TRAIN, *flags, "--out", str(tmp_path / "o")]
     assert main(args) == 0
     # 128 images / batch 32 = 4 micro-batches per epoch, 2 per update: 2 updates per epoch, 4 in the run
     assert [b for b, _, _ in seen] == [32] * 8

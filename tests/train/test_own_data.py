@@ -17,8 +17,8 @@ from ..conftest import make_imagefolder
 
 
 def folder_args(root, out, *extra):
-    return ["--arch", "resnet10t", "--img-size", "16", "--batch-size", "4", "--workers", "0", "--no-progress",
-            "--epochs", "1", "--data", f"imagefolder:{root}", "--out", str(out), *map(str, extra)]  # fmt: skip
+    model = ["--arch", "resnet10t", "--img-size", "16", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    return [*model, "--epochs", "1", "--data", f"imagefolder:{root}", "--out", str(out), *map(str, extra)]
 
 
 def test_class_folders_are_searched_recursively(tmp_path):

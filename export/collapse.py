@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcc_serve.runtime.bundle import WEIGHTS
+from mcc_serve.runtime.choices import CLASSIFIER_KINDS, LOSSES, one_of
 from mcc_train import UsageError, classifier_path, create_model, load_checkpoint
 from mcc_train.head import MC_PRESETS, MCSettings
 from mcc_train.margins import CosineLinear, make_margin
@@ -131,13 +132,13 @@ def head_variant(cfg: dict) -> dict:
     """The softmax variant as model.json's ``head`` records it: ``loss``, its m and s as trained (None where the kind
     has none: no margin for softmax, no scale but for the cosine kinds), and the test-time ``classifier_kind``."""
     settings = loss_settings(cfg)
-    variant = make_margin(settings["loss"], settings["margin"], settings["margin_scale"])
-    cosine = variant.kind.cosine
+    variant = make_margin(settings["loss"], settings["margin"], settings["margin_scale"])  # the defaults filled in
+    kind = LOSSES[variant.loss]
     return {
         "loss": variant.loss,
-        "margin": float(variant.margin) if variant.kind.has_margin else None,
-        "margin_scale": float(variant.scale) if cosine else None,
-        "classifier_kind": "cosine" if cosine else "linear",
+        "margin": float(variant.margin) if kind.has_margin else None,
+        "margin_scale": float(variant.scale) if kind.cosine else None,
+        "classifier_kind": kind.classifier_kind,
     }
 
 
@@ -176,6 +177,6 @@ def vanilla_model(
         path = classifier_path(model)
         linear = model.get_submodule(path)
         model.set_submodule(path, CosineLinear(linear.in_features, linear.out_features, bias=True))
-    elif classifier_kind != "linear":
-        raise ValueError(f"classifier_kind must be linear or cosine, got {classifier_kind!r}")
+    elif classifier_kind not in CLASSIFIER_KINDS:
+        raise ValueError(one_of("classifier_kind", classifier_kind, CLASSIFIER_KINDS))
     return model.eval()

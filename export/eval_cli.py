@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mcc_serve.runtime.choices import DEVICES, PRECISIONS
 from mcc_train import UsageError
+
+from .evaluate import REPORT_FILES, EvalConfig, evaluate, format_report, summarize, write_report
 
 EPILOG = """examples:
   mcc-eval bundles/demo --data digits                         # the served model on the data it was trained on
@@ -34,25 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="digits | fashion-mnist[:DIR] | imagefolder:ROOT | cifar10:DIR | cifar100:DIR (as mcc-train)",
     )
     p.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default: val)")
-    p.add_argument("--out", metavar="DIR", help="also write metrics.json, per_class.csv, confusion.png, "
-                   "misclassified.csv here")  # fmt: skip
+    p.add_argument(
+        "--out", metavar="DIR", help="also write metrics.json, per_class.csv, confusion.png, misclassified.csv here"
+    )
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per model run (default: 64)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA when available")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="default: CUDA when available")
     p.add_argument(
         "--workers", type=int, default=2, metavar="N", help="threads that decode and preprocess images (default: 2)"
     )
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable image files of the data out")
     p.add_argument("--ema", action="store_true", help="with a checkpoint: its EMA weights (mcc-train --model-ema)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="with a bundle: run model.onnx (fp32), model_fp16.onnx or model_int8.onnx")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="with a bundle: run model.onnx (fp32), model_fp16.onnx or model_int8.onnx",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .evaluate import REPORT_FILES, EvalConfig, evaluate, format_report, summarize, write_report
-
         cfg = EvalConfig(
             args.model,
             args.data,

@@ -21,17 +21,17 @@ from sklearn.datasets import load_digits
 from export.bundle import sha256_file
 from export.cli import main
 from export.onnx_graph import count_flops, export_onnx, graph_signature
-from mcc_serve import bundle as schema
 from mcc_serve.main import create_app
+from mcc_serve.runtime import bundle as schema
+from mcc_serve.runtime.choices import CLASSIFIER_KINDS, LOSSES
 from mcc_serve.runtime.preprocess import Preprocessor
 from mcc_serve.settings import ServeSettings
 from mcc_train.checkpoint import load_checkpoint
 from mcc_train.cli import main as train_main
-from mcc_train.margins import LOSSES
 
 from ..conftest import FAST_TRAIN
 
-pytestmark = pytest.mark.slow  # six trainings and exports: about a minute and a half on 2 cores
+pytestmark = pytest.mark.slow  # six trainings and exports
 
 # every variant with either head; one trains at s = 10, where s * cos and normalize(x) . (s w) round differently
 RUNS = {
@@ -212,9 +212,13 @@ def test_mcc_serve_answers_a_cosine_bundle_unchanged(bundles):
 
 
 def test_model_json_schema_knows_the_variants_and_reads_older_bundles(bundles):
-    assert tuple(LOSSES) == schema.LOSSES
-    assert {k for k, v in schema.CLASSIFIER_KIND.items() if v == "cosine"} == {k for k, v in LOSSES.items() if v.cosine}
     meta = json.loads((bundles["cosface", "mc"][1] / "model.json").read_text())
+    for name, kind in LOSSES.items():  # every variant of the registry, with its classifier and no other
+        head = {**meta["head"], "loss": name, "margin": kind.margin, "margin_scale": kind.scale}
+        assert schema.validate_model_json({**meta, "head": {**head, "classifier_kind": kind.classifier_kind}})
+        (other,) = set(CLASSIFIER_KINDS) - {kind.classifier_kind}
+        with pytest.raises(schema.BundleError, match=f"classifier_kind '{other}' does not fit loss '{name}'"):
+            schema.validate_model_json({**meta, "head": {**head, "classifier_kind": other}})
     older = json.loads(json.dumps(meta))
     for key in ("loss", "margin", "margin_scale", "classifier_kind"):
         del older["head"][key]

@@ -80,9 +80,13 @@ def test_archs_export_as_their_vanilla_model(arch, tmp_path):
 
 def test_relative_sigma_head_with_model_kwargs_exports_as_the_vanilla_model(tmp_path):
     ckpt = make_checkpoint(
-        tmp_path / "vit.pt", "test_vit", img_size=16, sigma_mode="relative", sigma_scale=0.5,
+        tmp_path / "vit.pt",
+        "test_vit",
+        img_size=16,
+        sigma_mode="relative",
+        sigma_scale=0.5,
         model_kwargs={"patch_size": 4},
-    )  # fmt: skip
+    )
     report = export_checkpoint(ExportConfig(str(ckpt), str(tmp_path / "b"), **FAST))
     assert report.passed, report.table()
     meta = json.loads((tmp_path / "b" / "model.json").read_text())

@@ -18,8 +18,8 @@ FAST = {"latency_runs": 3, "num_real": 16}
 @pytest.fixture(scope="module")
 def int8_bundle(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "bundle"
-    report = export_checkpoint(ExportConfig(str(trained_run / "best.pt"), str(out), int8=True,
-                                            calibration_images=64, **FAST))  # fmt: skip
+    cfg = ExportConfig(str(trained_run / "best.pt"), str(out), int8=True, calibration_images=64, **FAST)
+    report = export_checkpoint(cfg)
     assert report.passed
     return out
 
@@ -27,12 +27,11 @@ def int8_bundle(trained_run, tmp_path_factory):
 def test_the_int8_model_is_quantized_and_its_accuracy_is_recorded_beside_fp32s(int8_bundle):
     meta = json.loads((int8_bundle / "model.json").read_text())
     assert "model_int8.onnx" in meta["files"]
-    ops = {node.op_type for node in onnx.load(str(int8_bundle / "model_int8.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ
-    weights = [i for i in onnx.load(str(int8_bundle / "model_int8.onnx")).graph.initializer if i.data_type == 3]
+    graph = onnx.load(str(int8_bundle / "model_int8.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}  # QDQ
+    weights = [i for i in graph.initializer if i.data_type == 3]
     assert weights and any(len(w.dims) == 4 for w in weights)  # int8 conv weights
-    scales = [i for i in onnx.load(str(int8_bundle / "model_int8.onnx")).graph.initializer
-              if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]  # fmt: skip
+    scales = [i for i in graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
     assert scales  # per-channel: a scale per output channel
     parity = json.loads((int8_bundle / "parity.json").read_text())["int8"]
     assert parity["calibration_images"] == 64 and parity["val_images"] == 360  # all of digits' val split

@@ -23,27 +23,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from mcc_serve.runtime.bundle import BundleError
-from mcc_serve.runtime.choices import PRECISIONS
+from mcc_serve.runtime.choices import DEVICES, MAX_IMAGE_PIXELS, PRECISIONS
 from mcc_serve.runtime.engine import softmax
-from mcc_serve.runtime.offline import (
-    MAX_PIXELS,
-    InputError,
-    OfflineModel,
-    check_output,
-    is_bundle,
-    load_bundle,
-    load_file,
-    preprocess_batches,
-    top_k,
-)
+from mcc_serve.runtime.offline import InputError, check_output, is_bundle, load_file, preprocess_batches
 from mcc_serve.runtime.preprocess import Preprocessor
+from mcc_serve.runtime.service import Model, load_bundle, top_k
 from mcc_train import UsageError
 from mcc_train.checkpoint import atomic_write
 from mcc_train.data import ArrayDataset, FolderDataset, build_transforms, load_data
 
 from .collapse import load_trained
 
-DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("val", "train")
 TOP_K = 5  # the second accuracy reported, when the model has more classes than this
 REPORT_FILES = ("metrics.json", "per_class.csv", "confusion.png", "misclassified.csv")
@@ -105,8 +95,8 @@ def torch_device(device: str) -> torch.device:
 
 
 def load_checkpoint_model(
-    path: str | Path, device: str = "auto", max_pixels: int = MAX_PIXELS, weights: str = "model"
-) -> OfflineModel:
+    path: str | Path, device: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS, weights: str = "model"
+) -> Model:
     """A checkpoint's model (the MC head's mean centers: the exported model), preprocessing as its bundle would.
     ``weights="ema"``: its EMA weights (mcc-train --model-ema), as ``mcc-export --ema`` exports them."""
     loaded = load_trained(path, weights)
@@ -119,7 +109,7 @@ def load_checkpoint_model(
         return net(torch.from_numpy(x).to(dev)).float().cpu().numpy()  # (N, C, H, W) -> (N, num_classes)
 
     pre = Preprocessor.from_model_json({"preprocess": data_config}, max_pixels)
-    return OfflineModel(str(path), list(loaded.ckpt["class_names"]), pre, run, data_config)
+    return Model(str(path), list(loaded.ckpt["class_names"]), pre, run, meta={"preprocess": data_config})
 
 
 def served_loader(dataset: ArrayDataset | FolderDataset, pre: Preprocessor) -> Callable[[int], np.ndarray]:
@@ -129,9 +119,9 @@ def served_loader(dataset: ArrayDataset | FolderDataset, pre: Preprocessor) -> C
     return lambda i: pre(pre.decode(Image.fromarray(dataset.images[i])))
 
 
-def transformed_loader(dataset: ArrayDataset | FolderDataset, model: OfflineModel) -> Callable[[int], np.ndarray]:
+def transformed_loader(dataset: ArrayDataset | FolderDataset, model: Model) -> Callable[[int], np.ndarray]:
     """Item i -> (C, H, W) through timm's eval transform, as mcc-train evaluated."""
-    _, eval_tf = build_transforms(model.preprocess_config, hflip=0.0, scale=(1.0, 1.0))
+    _, eval_tf = build_transforms(model.meta["preprocess"], hflip=0.0, scale=(1.0, 1.0))
     dataset.transform, dataset.mode = eval_tf, "L" if model.preprocess.in_chans == 1 else "RGB"
     return lambda i: dataset[i][0].numpy()
 
@@ -167,7 +157,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     return EvalResult(list(model.class_names), names, np.asarray(dataset.labels, np.int64), probs)
 
 
-def check_classes(data_classes: list[str], model: OfflineModel, spec: str) -> None:
+def check_classes(data_classes: list[str], model: Model, spec: str) -> None:
     if data_classes == model.class_names:
         return
 
@@ -274,10 +264,19 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], top1: float, path: Pa
     if c <= 30:
         for (i, j), v in np.ndenumerate(norm):
             if v > 0:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize - 2,
-                        color="white" if v > 0.5 else "black")  # fmt: skip
+                color = "white" if v > 0.5 else "black"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize - 2, color=color)
     ax.set(xlabel="predicted", ylabel="true", title=f"confusion, normalised per true class (top-1 {top1:.2f}%)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def predict_loader(path: str, device: str = "auto", weights: str = "model") -> Model:
+    """mcc-predict's loader for a checkpoint (the ``mcc.model_loaders`` entry point), its errors in mcc-predict's
+    terms."""
+    try:
+        return load_checkpoint_model(path, device, weights=weights)
+    except UsageError as e:
+        raise InputError(str(e)) from None

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from mcc_train import TrainConfig  # noqa: E402
 from mcc_train.config import RENAMED  # noqa: E402
 from mcc_train.head import MC_DEFAULTS, MC_PRESETS, MCSettings  # noqa: E402
-from mcc_train.margins import LOSSES  # noqa: E402
+from mcc_serve.runtime.choices import LOSSES  # noqa: E402
 
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"

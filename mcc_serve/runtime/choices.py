@@ -47,7 +47,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 # files taken as images when a folder is searched (training data, mcc-predict, mcc-eval)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
-MAX_IMAGE_PIXELS = 40_000_000  # the largest image decoded (w * h) by default, in training, serving and offline
+MAX_IMAGE_PIXELS = 40_000_000  # the largest image decoded (w * h) by default, in serving, mcc-predict and mcc-eval
 PRECISIONS = ("fp32", "fp16", "int8")  # which of a bundle's ONNX files runs
 DEVICES = ("auto", "cpu", "cuda")
 

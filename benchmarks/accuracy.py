@@ -46,10 +46,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mcc_serve.runtime.choices import LOSSES  # noqa: E402
 from mcc_train import TrainConfig  # noqa: E402
 from mcc_train.config import RENAMED  # noqa: E402
 from mcc_train.head import MC_DEFAULTS, MC_PRESETS, MCSettings  # noqa: E402
-from mcc_serve.runtime.choices import LOSSES  # noqa: E402
 
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"

@@ -116,8 +116,16 @@ class Cell:
 def grid(scale: str) -> tuple[list[Cell], str]:
     """The cells of the study at ``scale`` (cpu, gpu, quick) and a one-line description of the recipe."""
     if scale == "quick":
-        base = dict(data="digits", arch="test_resnet", img_size=16, epochs=8, batch_size=64, lr=2e-3,
-                    label_smoothing=0.0, scale=(0.7, 1.0))  # fmt: skip
+        base = dict(
+            data="digits",
+            arch="test_resnet",
+            img_size=16,
+            epochs=8,
+            batch_size=64,
+            lr=2e-3,
+            label_smoothing=0.0,
+            scale=(0.7, 1.0),
+        )
         cells = [Cell("digits, test_resnet", base, MAIN)]
         return cells, "digits (1,437 train / 360 val images), test_resnet at 16x16, 8 epochs, batch 64, AdamW lr 2e-3"
     base = dict(data="fashion-mnist", label_smoothing=0.0, scale=(0.8, 1.0), lr=2e-3, weight_decay=0.05)
@@ -125,17 +133,21 @@ def grid(scale: str) -> tuple[list[Cell], str]:
         cnn = dict(arch="test_resnet", img_size=28, batch_size=128)
         vit = dict(arch="test_vit", model_kwargs={"patch_size": 7}, img_size=28, batch_size=128)
         full, poor = dict(epochs=2), dict(subset=6000, epochs=10)
-        recipe = ("Fashion-MNIST at 28x28; CNN: timm's test_resnet (0.37M parameters, d = 96); ViT: timm's test_vit "
-                  "(width 64, depth 6, patch 7: 16 tokens, d = 64); batch 128, AdamW lr 2e-3, weight decay 0.05, "
-                  "cosine with 1 warm-up epoch, no label smoothing; full: 60,000 images x 2 epochs; "
-                  "data-poor: 6,000 images x 10 epochs")  # fmt: skip
+        recipe = (
+            "Fashion-MNIST at 28x28; CNN: timm's test_resnet (0.37M parameters, d = 96); ViT: timm's test_vit "
+            "(width 64, depth 6, patch 7: 16 tokens, d = 64); batch 128, AdamW lr 2e-3, weight decay 0.05, "
+            "cosine with 1 warm-up epoch, no label smoothing; full: 60,000 images x 2 epochs; "
+            "data-poor: 6,000 images x 10 epochs"
+        )
     else:
         cnn = dict(arch="resnet18", img_size=32, batch_size=512)
         vit = dict(arch="vit_tiny_patch16_224", model_kwargs={"patch_size": 4}, img_size=32, batch_size=512)
         full, poor = dict(epochs=15), dict(subset=6000, epochs=75, batch_size=256)
-        recipe = ("Fashion-MNIST at 32x32; CNN: resnet18; ViT: vit_tiny (patch 4: 64 tokens); AdamW lr 2e-3, "
-                  "weight decay 0.05, cosine with 1 warm-up epoch, no label smoothing; full: 60,000 images x 15 "
-                  "epochs, batch 512; data-poor: 6,000 images x 75 epochs, batch 256")  # fmt: skip
+        recipe = (
+            "Fashion-MNIST at 32x32; CNN: resnet18; ViT: vit_tiny (patch 4: 64 tokens); AdamW lr 2e-3, "
+            "weight decay 0.05, cosine with 1 warm-up epoch, no label smoothing; full: 60,000 images x 15 "
+            "epochs, batch 512; data-poor: 6,000 images x 75 epochs, batch 256"
+        )
     cnn_variants = MAIN + SCALE_ABLATIONS + OTHER_ABLATIONS
     vit_variants = MAIN + SCALE_ABLATIONS
     cells = [
@@ -340,8 +352,11 @@ def execute(
             study.save()
             done += 1
             eta = (time.time() - started) / done * (len(todo) - done)
-            print(f"[{done}/{len(todo)}] {cell.name} | {variant.name} | seed {seed}: {outcome}; "
-                  f"about {eta / 60:.0f} min left)", flush=True)  # fmt: skip
+            print(
+                f"[{done}/{len(todo)}] {cell.name} | {variant.name} | seed {seed}: {outcome}; "
+                f"about {eta / 60:.0f} min left)",
+                flush=True,
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- the report
@@ -356,8 +371,10 @@ def fmt_ci(c: dict | None) -> str:
 
 
 def cell_table(study: Study, cell: Cell) -> list[str]:
-    lines = ["| variant | seeds | top-1 mean | std | difference to its baseline, 95% CI | baseline | verdict |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| variant | seeds | top-1 mean | std | difference to its baseline, 95% CI | baseline | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant in cell.variants:
         vals = list(study.top1(cell, variant).values())
         n_want = len(seeds(variant, study.scale))
@@ -374,8 +391,10 @@ def cell_table(study: Study, cell: Cell) -> list[str]:
         if variant.name == DEFAULT and twin:
             verdict += f" (seeds 0-{ABLATION_SEEDS - 1} are the runs of {twin})"
         seeds_txt = f"{len(vals)}" + ("" if len(vals) == n_want else f"/{n_want}")
-        lines.append(f"| {variant.name} | {seeds_txt} | {statistics.mean(vals):.2f} | {sd:.2f} | {diff} | "
-                     f"{baseline} | {verdict} |")  # fmt: skip
+        lines.append(
+            f"| {variant.name} | {seeds_txt} | {statistics.mean(vals):.2f} | {sd:.2f} | {diff} | "
+            f"{baseline} | {verdict} |"
+        )
     return lines
 
 
@@ -400,16 +419,26 @@ def _init_offset_ratio(config: dict) -> float:
     splits = load_data(cfg.data, cfg.subset)
     random_seed(cfg.seed, 0)  # as train() does right before it builds the model
     in_chans = cfg.in_chans or (1 if splits.grayscale else 3)
-    model = create_model(cfg.arch, splits.num_classes, head=cfg.head, in_chans=in_chans, mc=cfg.mc(),
-                         img_size=cfg.img_size, drop_rate=cfg.drop_rate, **cfg.model_kwargs)  # fmt: skip
+    model = create_model(
+        cfg.arch,
+        splits.num_classes,
+        head=cfg.head,
+        in_chans=in_chans,
+        mc=cfg.mc(),
+        img_size=cfg.img_size,
+        drop_rate=cfg.drop_rate,
+        **cfg.model_kwargs,
+    )
     return get_mc_head(model).offset_ratio().mean().item()
 
 
 def scale_table(study: Study, cell: Cell) -> list[str]:
     """Sub-center offset over center norm (at init, then per epoch), and sub-center logit spread against the
     logit margin, per epoch."""
-    lines = ["| variant (seed 0) | offset / center norm: at init; per epoch | logit spread / margin, per epoch |",
-             "|---|---|---|"]  # fmt: skip
+    lines = [
+        "| variant (seed 0) | offset / center norm: at init; per epoch | logit spread / margin, per epoch |",
+        "|---|---|---|",
+    ]
     for variant in cell.variants:
         record = study.runs.get(study.key(cell, variant, 0))
         if record is None or "error" in record or variant not in MAIN + SCALE_ABLATIONS or variant.name == LINEAR:
@@ -441,13 +470,19 @@ def summary_lines(study: Study) -> list[str]:
                 found[c["verdict"]].append(f"{variant.name} ({fmt_ci(c)})")
             else:
                 found["other"].append(variant.name)
-        lines.append(f"- **{cell.name}**: better: {'; '.join(found['better']) or 'none'}. "
-                     f"Worse: {'; '.join(found['worse']) or 'none'}. "
-                     f"No difference shown: {len(found['no difference shown'])} variants"
-                     + (f"; pending: {', '.join(found['other'])}" if found["other"] else "") + ".")  # fmt: skip
-    lines += ["", f"{tested} comparisons at 95% each: even if no variant had any effect, about {0.05 * tested:.1f} of "
-              "them would come out *better* or *worse* by chance. A verdict that stands alone in one cell, with no "
-              "echo in the other cells, is weak evidence."]  # fmt: skip
+        lines.append(
+            f"- **{cell.name}**: better: {'; '.join(found['better']) or 'none'}. "
+            f"Worse: {'; '.join(found['worse']) or 'none'}. "
+            f"No difference shown: {len(found['no difference shown'])} variants"
+            + (f"; pending: {', '.join(found['other'])}" if found["other"] else "")
+            + "."
+        )
+    lines += [
+        "",
+        f"{tested} comparisons at 95% each: even if no variant had any effect, about {0.05 * tested:.1f} of "
+        "them would come out *better* or *worse* by chance. A verdict that stands alone in one cell, with no "
+        "echo in the other cells, is weak evidence.",
+    ]
     return lines
 
 
@@ -464,11 +499,15 @@ def default_ranking(study: Study) -> list[dict]:
         diffs = [study.comparison(cell, variant, ABLATION_SEEDS) for cell in study.cells]  # the same seeds for all
         if any(c is None for c in diffs):
             continue
-        rows.append({"variant": variant.name, "worst": min(c["mean"] for c in diffs),
-                     "mean": statistics.mean(c["mean"] for c in diffs),
-                     "worse_in": [cell.name for cell, c in zip(study.cells, diffs, strict=True)
-                                  if c["verdict"] == "worse"],
-                     "per_cell": [c["mean"] for c in diffs]})  # fmt: skip
+        rows.append(
+            {
+                "variant": variant.name,
+                "worst": min(c["mean"] for c in diffs),
+                "mean": statistics.mean(c["mean"] for c in diffs),
+                "worse_in": [cell.name for cell, c in zip(study.cells, diffs, strict=True) if c["verdict"] == "worse"],
+                "per_cell": [c["mean"] for c in diffs],
+            }
+        )
     return sorted(rows, key=lambda r: (bool(r["worse_in"]), -r["worst"]))
 
 
@@ -478,25 +517,38 @@ def ranking_lines(study: Study) -> list[str]:
         return []
     names = " | ".join(cell.name for cell in study.cells)
     rule = " ".join(default_ranking.__doc__.split("\n\n")[1].split())
-    lines = ["### How the default was chosen", "", rule, "", f"| candidate | {names} | worst cell | mean | worse in |",
-             "|---|" + "---|" * (len(study.cells) + 3)]  # fmt: skip
+    lines = [
+        "### How the default was chosen",
+        "",
+        rule,
+        "",
+        f"| candidate | {names} | worst cell | mean | worse in |",
+        "|---|" + "---|" * (len(study.cells) + 3),
+    ]
     for r in rows:
         cells = " | ".join(f"{m:+.2f}" for m in r["per_cell"])
-        lines.append(f"| {r['variant']} | {cells} | {r['worst']:+.2f} | {r['mean']:+.2f} | "
-                     f"{', '.join(r['worse_in']) or '-'} |")  # fmt: skip
+        lines.append(
+            f"| {r['variant']} | {cells} | {r['worst']:+.2f} | {r['mean']:+.2f} | {', '.join(r['worse_in']) or '-'} |"
+        )
     lines += ["", f"By this rule: **{rows[0]['variant']}**. mcc's defaults now: {describe(MC_DEFAULTS)}.", ""]
     default = next(v for v in MAIN if v.name == DEFAULT)
     fresh = [study.comparison(cell, default, first_seed=ABLATION_SEEDS) for cell in study.cells]
     if all(c is not None for c in fresh):  # the seeds the choice did not see: no winner's curse
-        lines += [f"The default on the seeds the choice did not see ({ABLATION_SEEDS} to {MAIN_SEEDS - 1}), against "
-                  "linear: " + "; ".join(f"{cell.name} {fmt_ci(c)} ({c['verdict']})"
-                                         for cell, c in zip(study.cells, fresh, strict=True)) + ".", ""]  # fmt: skip
+        lines += [
+            f"The default on the seeds the choice did not see ({ABLATION_SEEDS} to {MAIN_SEEDS - 1}), against "
+            "linear: "
+            + "; ".join(f"{cell.name} {fmt_ci(c)} ({c['verdict']})" for cell, c in zip(study.cells, fresh, strict=True))
+            + ".",
+            "",
+        ]
     return lines
 
 
 def describe(mc) -> str:
-    return (f"K={mc.num_subcenters}, center weight {mc.center_weight}, {mc.sigma_mode} sigma {mc.sigma_scale}, "
-            f"{mc.sampling} sampling, L_sigma weight {mc.kl_weight:g}")  # fmt: skip
+    return (
+        f"K={mc.num_subcenters}, center weight {mc.center_weight}, {mc.sigma_mode} sigma {mc.sigma_scale}, "
+        f"{mc.sampling} sampling, L_sigma weight {mc.kl_weight:g}"
+    )
 
 
 def write_report(studies: list[Study], docs: Path, commands: dict[str, str]) -> None:
@@ -526,27 +578,42 @@ def write_report(studies: list[Study], docs: Path, commands: dict[str, str]) -> 
         devices = sorted({r["device"] for r in runs if "device" in r})
         hours = sum(r.get("wall_s", 0) for r in runs) / 3600
         failed = [f"{r['cell']} | {r['variant']} | seed {r['seed']}: {r['error']}" for r in runs if "error" in r]
-        lines += [f"## On {', '.join(devices)}", "",
-                  f"Command: `{commands[study.scale]}`. Recipe: {study.recipe}. "
-                  f"{len(runs)} runs, {hours:.1f} hours of run time in all (runs went in parallel).", "",
-                  "**Where the intervals exclude zero:**", "", *summary_lines(study), ""]  # fmt: skip
+        lines += [
+            f"## On {', '.join(devices)}",
+            "",
+            f"Command: `{commands[study.scale]}`. Recipe: {study.recipe}. "
+            f"{len(runs)} runs, {hours:.1f} hours of run time in all (runs went in parallel).",
+            "",
+            "**Where the intervals exclude zero:**",
+            "",
+            *summary_lines(study),
+            "",
+        ]
         if failed:
             lines += ["**Runs that failed** (left out of the tables):", "", *[f"- {f}" for f in failed], ""]
         for cell in study.cells:
             lines += [f"### {cell.name}", "", *cell_table(study, cell), ""]
         if study.scale != "quick":
             lines += ranking_lines(study)
-        lines += ["### Scale of the sub-centers",
-                  "",
-                  "Per epoch, from the eval pass: the expected norm of a sub-center's offset over its mean center's "
-                  "norm (`||std_c|| / ||w_c||`, mean over classes), and the std of a sub-center's logit around its "
-                  "mean's logit for the true class (`logit_spread`) next to the mean margin between the true class's "
-                  "logit and the best other one (`logit_margin`). Seed 0.", ""]  # fmt: skip
+        lines += [
+            "### Scale of the sub-centers",
+            "",
+            "Per epoch, from the eval pass: the expected norm of a sub-center's offset over its mean center's "
+            "norm (`||std_c|| / ||w_c||`, mean over classes), and the std of a sub-center's logit around its "
+            "mean's logit for the true class (`logit_spread`) next to the mean margin between the true class's "
+            "logit and the best other one (`logit_margin`). Seed 0.",
+            "",
+        ]
         for cell in study.cells:
             lines += [f"**{cell.name}**", "", *scale_table(study, cell), ""]
-    lines += ["![paired differences to linear with 95% CIs](accuracy.png)", "",
-              "![sub-center scale per epoch](scale.png)", "",
-              "![features and centers, linear vs MC](centers.png)", ""]  # fmt: skip
+    lines += [
+        "![paired differences to linear with 95% CIs](accuracy.png)",
+        "",
+        "![sub-center scale per epoch](scale.png)",
+        "",
+        "![features and centers, linear vs MC](centers.png)",
+        "",
+    ]
     for study in [s for s in studies if has_table6(s)]:
         lines += table6_lines(study, commands[study.scale])
     (docs / "RESULTS.md").write_text("\n".join(lines))
@@ -570,17 +637,23 @@ def table6_lines(study: Study, command: str) -> list[str]:
         config = run_config(cell, next(v for v in cell.variants if v.name == f"{label} linear"), 0)
         scale = f", s = {config['margin_scale']:g}" if config["margin_scale"] else ""
         margins.append(f"{label} m = {config['margin']:g}{scale}")
-    lines = ["## Softmax variants (the paper's table 6)", "",
-             f"On {', '.join(devices)}. Command: `{command} --only table6` (runs only what this section lacks). "
-             f"Cell: {cell.name} of the grid above, same recipe; its softmax rows are that cell's *linear* and *MC "
-             f"default* runs. Margins: mcc's defaults (`LOSSES` in `mcc_train/margins.py`, chosen by the sweep "
-             f"below): {'; '.join(margins)}. MC: mcc's default preset ({describe(MC_DEFAULTS)}). {len(runs)} runs "
-             f"of its own (of {len(own)}), {minutes:.0f} minutes of run time (runs went in parallel).", "",
-             "Every row is paired by seed with linear softmax (does the loss, alone or with MC, beat the ordinary "
-             "classifier?), and each MC row with the linear head of the same loss (does MC add to that loss? the "
-             "paper's table 6 question).", "",
-             "| loss | head | seeds | top-1 mean | std | difference to linear softmax, 95% CI | verdict "
-             "| MC - linear, same loss, 95% CI | verdict |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Softmax variants (the paper's table 6)",
+        "",
+        f"On {', '.join(devices)}. Command: `{command} --only table6` (runs only what this section lacks). "
+        f"Cell: {cell.name} of the grid above, same recipe; its softmax rows are that cell's *linear* and *MC "
+        f"default* runs. Margins: mcc's defaults (`LOSSES` in `mcc_train/margins.py`, chosen by the sweep "
+        f"below): {'; '.join(margins)}. MC: mcc's default preset ({describe(MC_DEFAULTS)}). {len(runs)} runs "
+        f"of its own (of {len(own)}), {minutes:.0f} minutes of run time (runs went in parallel).",
+        "",
+        "Every row is paired by seed with linear softmax (does the loss, alone or with MC, beat the ordinary "
+        "classifier?), and each MC row with the linear head of the same loss (does MC add to that loss? the "
+        "paper's table 6 question).",
+        "",
+        "| loss | head | seeds | top-1 mean | std | difference to linear softmax, 95% CI | verdict "
+        "| MC - linear, same loss, 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     tested, verdicts = 0, {"better": [], "worse": []}
     for variant in cell.variants:
         vals = list(study.top1(cell, variant).values())
@@ -591,10 +664,17 @@ def table6_lines(study: Study, command: str) -> list[str]:
         if not vals:
             lines.append(f"| {loss} | {head} | 0/{n_want} | - | - | - | pending | - | |")
             continue
-        row = [loss, head, f"{len(vals)}" + ("" if len(vals) == n_want else f"/{n_want}"),
-               f"{statistics.mean(vals):.2f}", f"{statistics.stdev(vals) if len(vals) > 1 else 0:.2f}"]  # fmt: skip
-        pairs = [study.comparison(cell, variant, baseline=LINEAR) if variant.name != LINEAR else None,
-                 study.comparison(cell, variant) if head == "MC" else None]  # fmt: skip
+        row = [
+            loss,
+            head,
+            f"{len(vals)}" + ("" if len(vals) == n_want else f"/{n_want}"),
+            f"{statistics.mean(vals):.2f}",
+            f"{statistics.stdev(vals) if len(vals) > 1 else 0:.2f}",
+        ]
+        pairs = [
+            study.comparison(cell, variant, baseline=LINEAR) if variant.name != LINEAR else None,
+            study.comparison(cell, variant) if head == "MC" else None,
+        ]
         for name, c in zip(("vs linear softmax", "MC - linear"), pairs, strict=True):
             row += [fmt_ci(c), c["verdict"]] if c else ["(reference)" if variant.name == LINEAR else "", ""]
             if c is not None and not math.isnan(c["lo"]) and not (name == "MC - linear" and loss == "softmax"):
@@ -602,14 +682,23 @@ def table6_lines(study: Study, command: str) -> list[str]:
                 if c["verdict"] in verdicts:
                     verdicts[c["verdict"]].append(f"{loss} {head} {name} {fmt_ci(c)}")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"**Where the intervals exclude zero:** better: {'; '.join(verdicts['better']) or 'none'}. "
-              f"Worse: {'; '.join(verdicts['worse']) or 'none'}. {tested} new comparisons at 95% each: about "
-              f"{0.05 * tested:.1f} would exclude zero by chance.", "",
-              "![paired differences, table 6](table6.png)", ""]  # fmt: skip
+    lines += [
+        "",
+        f"**Where the intervals exclude zero:** better: {'; '.join(verdicts['better']) or 'none'}. "
+        f"Worse: {'; '.join(verdicts['worse']) or 'none'}. {tested} new comparisons at 95% each: about "
+        f"{0.05 * tested:.1f} would exclude zero by chance.",
+        "",
+        "![paired differences, table 6](table6.png)",
+        "",
+    ]
     sweep = RESULTS / "margin_sweep.json"
     if sweep.is_file():
-        lines += ["### How the margin defaults were chosen (`benchmarks/margin_sweep.py`)", "",
-                  *json.loads(sweep.read_text()).get("markdown", ["(no table: run the sweep)"]), ""]  # fmt: skip
+        lines += [
+            "### How the margin defaults were chosen (`benchmarks/margin_sweep.py`)",
+            "",
+            *json.loads(sweep.read_text()).get("markdown", ["(no table: run the sweep)"]),
+            "",
+        ]
     return lines
 
 
@@ -634,8 +723,9 @@ def plot_accuracy(study: Study, path: Path, title: str = "MC variants against th
             colour = colours.get(c["verdict"], "tab:grey")
             err = None if math.isnan(c["lo"]) else [[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]]
             ax.errorbar(c["mean"], i, xerr=err, fmt="o", color=colour, capsize=3)
-            ax.annotate(f"n={c['n']}", (c["mean"], i), textcoords="offset points", xytext=(0, 6), fontsize=6,
-                        ha="center")  # fmt: skip
+            ax.annotate(
+                f"n={c['n']}", (c["mean"], i), textcoords="offset points", xytext=(0, 6), fontsize=6, ha="center"
+            )
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(list(y), names, fontsize=7)
         ax.invert_yaxis()
@@ -653,8 +743,11 @@ def plot_accuracy(study: Study, path: Path, title: str = "MC variants against th
                 if c["hi"] > right:
                     ax.plot(right, i, marker=">", color="k", ms=5, clip_on=False)
     sep = "\n" if len(study.cells) == 1 else " "
-    fig.suptitle(f"{title}, paired by seed{sep}(green: better, red: worse; "
-                 f"a triangle: the interval goes on past the axis, cut at +-{CLIP} points)", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"{title}, paired by seed{sep}(green: better, red: worse; "
+        f"a triangle: the interval goes on past the axis, cut at +-{CLIP} points)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -677,8 +770,9 @@ def plot_scale(study: Study, path: Path) -> None:
             plotted.add(study.key(cell, variant, 0))
             curves = record["curves"]
             epochs = range(len(curves["offset_ratio"]) + 1)  # 0: at initialisation
-            line = axes[0][col].plot(epochs, [init_offset_ratio(record["config"]), *curves["offset_ratio"]], "o-",
-                                     ms=3, label=variant.name)[0]  # fmt: skip
+            line = axes[0][col].plot(
+                epochs, [init_offset_ratio(record["config"]), *curves["offset_ratio"]], "o-", ms=3, label=variant.name
+            )[0]
             axes[1][col].plot(epochs[1:], curves["logit_spread"], "o-", ms=3, color=line.get_color())
             axes[2][col].plot(epochs[1:], curves["logit_margin"], "o-", ms=3, color=line.get_color())
         linear = study.runs.get(study.key(cell, MAIN[0], 0))
@@ -750,16 +844,25 @@ def plot_centers(study: Study, path: Path) -> None:
             title = f"{variant.name}\nstars: class centers (weight rows)"
         else:
             ratio = head.offset_ratio().mean().item()
-            title = (f"{variant.name}: {head.sigma_mode} sigma {head.sigma_scale}, offset/center norm {ratio:.2f}\n"
-                     "stars: mean centers, +: 60 sampled sub-centers per class")  # fmt: skip
+            title = (
+                f"{variant.name}: {head.sigma_mode} sigma {head.sigma_scale}, offset/center norm {ratio:.2f}\n"
+                "stars: mean centers, +: 60 sampled sub-centers per class"
+            )
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{cell.name}, seed 0: validation features (dots, PCA to 2-D) and class centers", fontsize=10)
-    fig.text(0.5, 0.01, "Centers and sub-centers are directions in feature space, projected on the same two principal "
-             "axes and drawn at one common scale (the largest center reaches the 90th-percentile feature radius). A "
-             "2-D projection keeps only a small share of a sub-center's d-dimensional offset: the clouds look tighter "
-             "than the offset/center norm in each title.", ha="center", fontsize=7, wrap=True)  # fmt: skip
+    fig.text(
+        0.5,
+        0.01,
+        "Centers and sub-centers are directions in feature space, projected on the same two principal "
+        "axes and drawn at one common scale (the largest center reaches the 90th-percentile feature radius). A "
+        "2-D projection keeps only a small share of a sub-center's d-dimensional offset: the clouds look tighter "
+        "than the offset/center norm in each title.",
+        ha="center",
+        fontsize=7,
+        wrap=True,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -786,8 +889,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="data-loading workers per run (default: 0 on CPU)")
     parser.add_argument("--quick", action="store_true", help="digits, 3 variants x 3 seeds (about a minute)")
     parser.add_argument("--report", action="store_true", help="only rewrite the docs from the cached runs")
-    parser.add_argument("--only", choices=("grid", "table6"), default=None,
-                        help="run only the grid, or only the softmax variants (the paper's table 6)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=("grid", "table6"),
+        default=None,
+        help="run only the grid, or only the softmax variants (the paper's table 6)",
+    )
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "accuracy"), help="checkpoints of every run")
     parser.add_argument("--results", default=None, help="the cache JSON (default: benchmarks/results/...)")
     parser.add_argument("--docs", default=None, help="where RESULTS.md and the plots go (default: docs/)")
@@ -813,16 +920,21 @@ def main(argv: list[str] | None = None) -> None:
     # docs/ shows every full study that has runs: the CPU grid and, once run, the GPU grid
     others = [] if args.quick else [load_study(k, RESULTS / f"accuracy_{k}.json") for k in ("gpu", "cpu") if k != scale]
     studies = sorted([study, *[s for s in others if s.runs]], key=lambda s: s.scale != "gpu")  # the GPU grid first
-    commands = {"quick": "python benchmarks/accuracy.py --quick",
-                "cpu": "python benchmarks/accuracy.py --device cpu --jobs 2",
-                "gpu": "python benchmarks/accuracy.py --device cuda"}  # fmt: skip
+    commands = {
+        "quick": "python benchmarks/accuracy.py --quick",
+        "cpu": "python benchmarks/accuracy.py --device cpu --jobs 2",
+        "gpu": "python benchmarks/accuracy.py --device cuda",
+    }
     write_report(studies, docs, commands)
     plot_accuracy(studies[0], docs / "accuracy.png")
     plot_scale(studies[0], docs / "scale.png")
     plot_centers(studies[0], docs / "centers.png")
     if has_table6(studies[0]):
-        plot_accuracy(dataclasses.replace(studies[0], cells=studies[0].table6), docs / "table6.png",
-                      "Softmax variants (table 6): each row against its baseline")  # fmt: skip
+        plot_accuracy(
+            dataclasses.replace(studies[0], cells=studies[0].table6),
+            docs / "table6.png",
+            "Softmax variants (table 6): each row against its baseline",
+        )
     print((docs / "RESULTS.md").read_text())
 
 

@@ -39,8 +39,10 @@ SOFTMAX = "softmax"
 PIVOT = {"cosface": (0.2, 16.0), "arcface": (0.3, 16.0), "lsoftmax": (2.0, None)}  # (m, s) the sweep centres on
 SCALES = (8.0, 16.0, 32.0, 64.0)
 MARGINS = {"cosface": (0.1, 0.2, 0.35), "arcface": (0.1, 0.3, 0.5), "lsoftmax": (2.0, 3.0, 4.0)}
-RECIPE = ("Fashion-MNIST at 28x28, timm's test_resnet (0.37M parameters, d = 96), 6,000 training images x 10 epochs, "
-          "batch 128, AdamW lr 2e-3, weight decay 0.05, cosine with 1 warm-up epoch, no label smoothing")  # fmt: skip
+RECIPE = (
+    "Fashion-MNIST at 28x28, timm's test_resnet (0.37M parameters, d = 96), 6,000 training images x 10 epochs, "
+    "batch 128, AdamW lr 2e-3, weight decay 0.05, cosine with 1 warm-up epoch, no label smoothing"
+)
 
 
 def setting(loss: str, m: float, s: float | None) -> Variant:
@@ -71,11 +73,17 @@ def rows(study: Study) -> list[dict]:
     for variant in cell.variants:
         top1 = study.top1(cell, variant)
         o = variant.overrides
-        row = {"setting": variant.name, "loss": o.get("loss", SOFTMAX), "m": o.get("margin"),
-               "s": o.get("margin_scale"), "top1": top1, "seeds": len(top1),
-               "mean": statistics.mean(top1.values()) if top1 else None,
-               "std": statistics.stdev(top1.values()) if len(top1) > 1 else None,
-               "vs_softmax": study.comparison(cell, variant) if variant.name != SOFTMAX else None}  # fmt: skip
+        row = {
+            "setting": variant.name,
+            "loss": o.get("loss", SOFTMAX),
+            "m": o.get("margin"),
+            "s": o.get("margin_scale"),
+            "top1": top1,
+            "seeds": len(top1),
+            "mean": statistics.mean(top1.values()) if top1 else None,
+            "std": statistics.stdev(top1.values()) if len(top1) > 1 else None,
+            "vs_softmax": study.comparison(cell, variant) if variant.name != SOFTMAX else None,
+        }
         out.append(row)
     return out
 
@@ -106,9 +114,16 @@ def pick(table: list[dict], eps: float) -> dict[str, dict]:
         best = max(mine, key=lambda r: r["vs_softmax"]["mean"])
         gain = best["vs_softmax"]["mean"] - pivot["vs_softmax"]["mean"]
         chosen = best if gain > eps else pivot
-        picks[loss] = {"m": chosen["m"], "s": chosen["s"], "setting": chosen["setting"], "best": best["setting"],
-                       "best_over_pivot": gain, "why": "beats the pivot by more than the noise" if chosen is best
-                       and best is not pivot else "the pivot: no setting beats it by more than the noise"}  # fmt: skip
+        picks[loss] = {
+            "m": chosen["m"],
+            "s": chosen["s"],
+            "setting": chosen["setting"],
+            "best": best["setting"],
+            "best_over_pivot": gain,
+            "why": "beats the pivot by more than the noise"
+            if chosen is best and best is not pivot
+            else "the pivot: no setting beats it by more than the noise",
+        }
     return picks
 
 
@@ -116,11 +131,14 @@ def markdown(study: Study, table: list[dict], eps: float, picks: dict[str, dict]
     n_runs = len(study.keys(study.cells))
     minutes = sum(study.runs[k].get("wall_s", 0) for k in study.keys(study.cells) if k in study.runs) / 60
     devices = sorted({r["device"] for r in study.runs.values() if "device" in r})
-    lines = [f"Setting: {study.cells[0].name}: {study.recipe}; seeds 0-1; each setting paired by seed with plain "
-             f"softmax (95% CI, t over 2 seeds: wide). {n_runs} runs, {minutes:.0f} minutes of run time on "
-             f"{', '.join(devices)}. Command: `{COMMAND}`.", "",
-             "| loss | m | s | seeds | top-1 mean | std | difference to softmax, 95% CI | verdict | pick |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Setting: {study.cells[0].name}: {study.recipe}; seeds 0-1; each setting paired by seed with plain "
+        f"softmax (95% CI, t over 2 seeds: wide). {n_runs} runs, {minutes:.0f} minutes of run time on "
+        f"{', '.join(devices)}. Command: `{COMMAND}`.",
+        "",
+        "| loss | m | s | seeds | top-1 mean | std | difference to softmax, 95% CI | verdict | pick |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     chosen = {p["setting"] for p in picks.values()}
     for r in table:
         if not r["seeds"]:
@@ -129,14 +147,27 @@ def markdown(study: Study, table: list[dict], eps: float, picks: dict[str, dict]
         c = r["vs_softmax"]
         diff, verdict = (fmt_ci(c), c["verdict"]) if c else ("(reference)", "")
         std = f"{r['std']:.2f}" if r["std"] is not None else "-"
-        lines.append(f"| {r['loss']} | {_num(r['m'])} | {_num(r['s'])} | {r['seeds']} | {r['mean']:.2f} | {std} | "
-                     f"{diff} | {verdict} | {'**default**' if r['setting'] in chosen else ''} |")  # fmt: skip
-    lines += ["", "By scale s (CosFace and ArcFace at their pivot m, both seeds): " + "; ".join(
-        f"s = {s:g}: {statistics.mean(d):+.2f} on average, {sum(x < 0 for x in d)} of {len(d)} runs below softmax"
-        for s, d in scale_diffs(table).items()) + ".", ""]  # fmt: skip
-    lines += [f"Noise (pooled std over seeds of the paired differences to softmax): {eps:.2f} points. "
-              + " ".join(f"{loss}: {p['setting']} ({p['why']}; best {p['best']}, "
-                         f"{p['best_over_pivot']:+.2f} over the pivot)." for loss, p in picks.items())]  # fmt: skip
+        lines.append(
+            f"| {r['loss']} | {_num(r['m'])} | {_num(r['s'])} | {r['seeds']} | {r['mean']:.2f} | {std} | "
+            f"{diff} | {verdict} | {'**default**' if r['setting'] in chosen else ''} |"
+        )
+    lines += [
+        "",
+        "By scale s (CosFace and ArcFace at their pivot m, both seeds): "
+        + "; ".join(
+            f"s = {s:g}: {statistics.mean(d):+.2f} on average, {sum(x < 0 for x in d)} of {len(d)} runs below softmax"
+            for s, d in scale_diffs(table).items()
+        )
+        + ".",
+        "",
+    ]
+    lines += [
+        f"Noise (pooled std over seeds of the paired differences to softmax): {eps:.2f} points. "
+        + " ".join(
+            f"{loss}: {p['setting']} ({p['why']}; best {p['best']}, {p['best_over_pivot']:+.2f} over the pivot)."
+            for loss, p in picks.items()
+        )
+    ]
     return lines
 
 
@@ -158,8 +189,16 @@ def write(study: Study) -> dict:
     table = rows(study)
     eps = noise(table)
     picks = pick(table, eps)
-    out = {"scale": study.scale, "command": COMMAND, "recipe": study.recipe, "table": table, "noise": eps,
-           "picks": picks, "markdown": markdown(study, table, eps, picks), "runs": study.runs}  # fmt: skip
+    out = {
+        "scale": study.scale,
+        "command": COMMAND,
+        "recipe": study.recipe,
+        "table": table,
+        "noise": eps,
+        "picks": picks,
+        "markdown": markdown(study, table, eps, picks),
+        "runs": study.runs,
+    }
     tmp = study.cache_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     tmp.replace(study.cache_path)

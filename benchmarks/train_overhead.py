@@ -124,8 +124,17 @@ def step_rows(name: str, arch: str, size: int, num_classes: int, n: int, s: Setu
     for variant in list(VARIANTS)[1:]:
         ratio = median_ms(t[variant]) / base
         label = f"{arch} {size}x{size}, C={num_classes}, batch {n}, step"
-        rows.append([label, variant, base, median_ms(t[variant]), f"{ratio:.3f}x", "<= 1.02x" if name == "full" else "",
-                     n / median_ms(t[variant]) * 1000])  # fmt: skip
+        rows.append(
+            [
+                label,
+                variant,
+                base,
+                median_ms(t[variant]),
+                f"{ratio:.3f}x",
+                "<= 1.02x" if name == "full" else "",
+                n / median_ms(t[variant]) * 1000,
+            ]
+        )
     return n / median_ms(t["MC shared, fused"]) * 1000
 
 
@@ -151,13 +160,25 @@ def head_rows(num_classes: int, s: Setup, record: dict, rows: list, target: floa
     repeats = s.repeats if num_classes <= 1000 or s.cuda else max(3, s.repeats // 2)
     t = time_interleaved(steps, repeats)
     base = median_ms(t["linear"])
-    record[f"head_c{num_classes}"] = {"batch": n, "d": d, **{
-        v: {"ms": median_ms(t[v]), "peak_mib": memory.get(v)} for v in t}}  # fmt: skip
+    record[f"head_c{num_classes}"] = {
+        "batch": n,
+        "d": d,
+        **{v: {"ms": median_ms(t[v]), "peak_mib": memory.get(v)} for v in t},
+    }
     for variant in list(VARIANTS)[1:]:
         ratio = median_ms(t[variant]) / base
         mem = f", mem {memory[variant] / memory['linear']:.2f}x" if memory else ""
-        rows.append([f"head only, C={num_classes}, d={d}, batch {n}", variant, base, median_ms(t[variant]),
-                     f"{ratio:.3f}x{mem}", f"<= {target}x", ""])  # fmt: skip
+        rows.append(
+            [
+                f"head only, C={num_classes}, d={d}, batch {n}",
+                variant,
+                base,
+                median_ms(t[variant]),
+                f"{ratio:.3f}x{mem}",
+                f"<= {target}x",
+                "",
+            ]
+        )
 
 
 def authors_loop_draw(head: MultiCenterHead, s: Setup):
@@ -187,8 +208,17 @@ def draw_row(s: Setup, record: dict, rows: list):
     t = time_interleaved({"loop": authors_loop_draw(head, s), "vectorised": vectorised}, max(5, s.repeats // 3))
     speedup = median_ms(t["loop"]) / median_ms(t["vectorised"])
     record["draw_c1000"] = {"loop_ms": median_ms(t["loop"]), "vectorised_ms": median_ms(t["vectorised"])}
-    rows.append(["draw C*K*d sub-centers, C=1000", "loop vs vectorised", median_ms(t["loop"]),
-                 median_ms(t["vectorised"]), f"{speedup:.0f}x faster", ">= 20x", ""])  # fmt: skip
+    rows.append(
+        [
+            "draw C*K*d sub-centers, C=1000",
+            "loop vs vectorised",
+            median_ms(t["loop"]),
+            median_ms(t["vectorised"]),
+            f"{speedup:.0f}x faster",
+            ">= 20x",
+            "",
+        ]
+    )
 
 
 def e2e_row(s: Setup, workers: int, record: dict, rows: list):
@@ -201,8 +231,9 @@ def e2e_row(s: Setup, workers: int, record: dict, rows: list):
     images = torch.randn(n * steps, 3, size, size)
     labels = torch.randint(0, num_classes, (n * steps,))
     data = torch.utils.data.TensorDataset(images, labels)
-    loader = torch.utils.data.DataLoader(data, n, shuffle=True, drop_last=True, num_workers=workers,
-                                         pin_memory=s.cuda, persistent_workers=workers > 0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        data, n, shuffle=True, drop_last=True, num_workers=workers, pin_memory=s.cuda, persistent_workers=workers > 0
+    )
     cfg = TrainConfig(arch=arch, epochs=1, lr=1e-4, warmup_epochs=0, compile="head", progress=False)
     rt = Runtime(s.dev, amp_dtype=s.amp, channels_last=s.cuda)
     torch.manual_seed(0)
@@ -225,11 +256,27 @@ def e2e_row(s: Setup, workers: int, record: dict, rows: list):
 
     t = time_interleaved({"bare": loop, "mcc-train": epoch}, max(3, s.repeats // 4), warmup=1)
     bare_ips, e2e_ips = n * steps / (median_ms(t["bare"]) / 1000), n * steps / (median_ms(t["mcc-train"]) / 1000)
-    record["e2e"] = {"arch": arch, "img_size": size, "batch": n, "steps": steps, "workers": workers,
-                     "bare_img_s": bare_ips, "mcc_train_img_s": e2e_ips}  # fmt: skip
+    record["e2e"] = {
+        "arch": arch,
+        "img_size": size,
+        "batch": n,
+        "steps": steps,
+        "workers": workers,
+        "bare_img_s": bare_ips,
+        "mcc_train_img_s": e2e_ips,
+    }
     label = f"end to end, {arch} {size}x{size}, batch {n}, {steps} steps, {workers} workers"
-    rows.append([label, "bare loop vs train_one_epoch", 1000 * n / bare_ips, 1000 * n / e2e_ips,
-                 f"{bare_ips / e2e_ips:.3f}x", "<= 1.05x", e2e_ips])  # fmt: skip
+    rows.append(
+        [
+            label,
+            "bare loop vs train_one_epoch",
+            1000 * n / bare_ips,
+            1000 * n / e2e_ips,
+            f"{bare_ips / e2e_ips:.3f}x",
+            "<= 1.05x",
+            e2e_ips,
+        ]
+    )
 
 
 def jpeg_folder(root: Path, per_class: int = 64, classes: int = 4, size: int = 256) -> Path:
@@ -244,8 +291,12 @@ def jpeg_folder(root: Path, per_class: int = 64, classes: int = 4, size: int = 2
             folder = root / split / str(c)
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                base = np.asarray(Image.fromarray((digits.images[c * 50 + i % 50] * 16).astype(np.uint8)).resize(
-                    (size, size), Image.BICUBIC), dtype=np.float32)  # fmt: skip
+                base = np.asarray(
+                    Image.fromarray((digits.images[c * 50 + i % 50] * 16).astype(np.uint8)).resize(
+                        (size, size), Image.BICUBIC
+                    ),
+                    dtype=np.float32,
+                )
                 rgb = base[..., None] * rng.uniform(0.3, 1.0, 3) + rng.normal(0, 18, (size, size, 3))
                 Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
     return root
@@ -267,12 +318,15 @@ def input_row(s: Setup, workers: int, step_ips: float | None, record: dict, rows
         start = time.perf_counter()
         seen = sum(len(images) for images, _ in loader)
         ips = seen / (time.perf_counter() - start)
-    record["input_jpeg_224"] = {"workers": workers, "img_s": ips, "img_s_per_worker": ips / max(workers, 1),
-                                "step_img_s": step_ips}  # fmt: skip
+    record["input_jpeg_224"] = {
+        "workers": workers,
+        "img_s": ips,
+        "img_s_per_worker": ips / max(workers, 1),
+        "step_img_s": step_ips,
+    }
     need = f"{math.ceil(step_ips / (ips / max(workers, 1)))} workers feed the step" if step_ips else ""
     label = f"input: JPEG 256 -> 224, train transforms, {workers} workers"
-    rows.append([label, "loader vs full MC step (img/s)", ips, step_ips or float("nan"), need, "loader >= step",
-                 ips])  # fmt: skip
+    rows.append([label, "loader vs full MC step (img/s)", ips, step_ips or float("nan"), need, "loader >= step", ips])
 
 
 def main() -> None:
@@ -296,8 +350,17 @@ def main() -> None:
             table = print_table(headers, rows)
         else:
             table = None
-        write_json("train_overhead", {"device": str(s.dev), "precision": precision, "complete": final,
-                                      "results": record, "rows": rows, "table": table})  # fmt: skip
+        write_json(
+            "train_overhead",
+            {
+                "device": str(s.dev),
+                "precision": precision,
+                "complete": final,
+                "results": record,
+                "rows": rows,
+                "table": table,
+            },
+        )
 
     step_ips = None
     if "full" not in args.skip:

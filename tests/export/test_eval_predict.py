@@ -148,8 +148,19 @@ def test_predict_writes_the_top_k_that_onnxruntime_gives_and_skips_unreadable_fi
     err = capsys.readouterr().err
     assert "skipped" in err and "bad.png" in err and "notes.md" not in err
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3", "label_4",
-                             "prob_4", "label_5", "prob_5"]  # fmt: skip
+    assert list(rows[0]) == [
+        "path",
+        "label_1",
+        "prob_1",
+        "label_2",
+        "prob_2",
+        "label_3",
+        "prob_3",
+        "label_4",
+        "prob_4",
+        "label_5",
+        "prob_5",
+    ]
     paths = [r["path"] for r in rows]
     assert len(paths) == 10 and {p.rsplit("/", 1)[-1] for p in paths} == {
         f"{i}.{'jpg' if i % 2 else 'png'}" for i in range(10)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from mcc_serve.runtime.bundle import FORMAT, VERSION, WEIGHTS, ModelJson
+from mcc_serve.runtime.bundle import FORMAT, VERSION, WEIGHTS, ModelJson, describe_error
 from mcc_train import UsageError
 from mcc_train.model import timm_size_kwargs
 
@@ -123,7 +123,7 @@ def export_checkpoint(cfg: ExportConfig) -> Report:
         try:  # written through the schema the server reads it with
             meta = model_json(loaded, input_size, preprocess, files, cfg.opset).model_dump(mode="json")
         except ValidationError as e:
-            raise UsageError(f"{cfg.checkpoint}: cannot describe it as a bundle: {schema_error(e)}") from None
+            raise UsageError(f"{cfg.checkpoint}: cannot describe it as a bundle: {describe_error(e)}") from None
         write_json(tmp / MODEL_JSON, meta)
         _logger.info("verifying the bundle (weights, timm config, graph, outputs, latency)")
         report = verify_bundle(tmp, cfg.checkpoint, num_real=cfg.num_real, latency_runs=cfg.latency_runs)
@@ -280,14 +280,6 @@ def model_json(
             "onnx": onnx.__version__,
         },
     )
-
-
-def schema_error(e: ValidationError) -> str:
-    """The first of pydantic's errors as the bundle schema words it for a reader of model.json:
-    ``model.json: head.loss: Input should be ...``."""
-    err = e.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or MODEL_JSON
-    return f"{MODEL_JSON}: {field}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def write_fp16(src: Path, dst: Path) -> None:

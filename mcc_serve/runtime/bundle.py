@@ -197,6 +197,11 @@ def validate_model_json(raw: Any, where: str = MODEL_JSON) -> dict:
     try:
         return ModelJson.model_validate(raw).model_dump(mode="json")
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "model.json"
-        raise BundleError(f"{where}: {field}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise BundleError(describe_error(e, where)) from None
+
+
+def describe_error(e: ValidationError, where: str = MODEL_JSON) -> str:
+    """The first of pydantic's errors as a reader of model.json needs it: ``model.json: head.loss: Input should ...``."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or MODEL_JSON
+    return f"{where}: {field}: {err['msg'].removeprefix('Value error, ')}"

@@ -201,7 +201,7 @@ def validate_model_json(raw: Any, where: str = MODEL_JSON) -> dict:
 
 
 def describe_error(e: ValidationError, where: str = MODEL_JSON) -> str:
-    """The first of pydantic's errors as a reader of model.json needs it: ``model.json: head.loss: Input should ...``."""
+    """The first of pydantic's errors as a reader of model.json needs it: ``model.json: head.loss: Input ...``."""
     err = e.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or MODEL_JSON
     return f"{where}: {field}: {err['msg'].removeprefix('Value error, ')}"

@@ -389,19 +389,28 @@ def target_checks(results: dict[str, dict], baseline: str | None) -> dict[str, t
 
 def report(args, meta: dict, model_ms: float, results: dict[str, dict], levels, modes: list[str]) -> None:
     baseline = f"{args.baseline_rev} defaults" if args.baseline_rev else None
-    rows = [
-        [mode, c, per, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
-         r.get("server_cpu_ms_per_request", "n/a"), r.get("loop_cpu_ms_per_request", "n/a"),
-         r["in_process_images_per_s"], r["vs_in_process"], r["errors"]]
-        for mode in modes for (c, per) in levels for r in [results[f"{mode}/{c}/{per}"]]
-    ]  # fmt: skip
+    columns = {  # header -> the result's key
+        "req/s": "rps",
+        "img/s": "images_per_s",
+        "p50 ms": "p50_ms",
+        "p99 ms": "p99_ms",
+        "server CPU ms/req": "server_cpu_ms_per_request",
+        "of it, event loop": "loop_cpu_ms_per_request",
+        "in-process img/s": "in_process_images_per_s",
+        "vs in-process": "vs_in_process",
+        "errors": "errors",
+    }
+    rows = []
+    for mode in modes:
+        for c, per in levels:
+            r = results[f"{mode}/{c}/{per}"]
+            rows.append([mode, c, per, *(r.get(key, "n/a") for key in columns.values())])
     print(
         f"\n{meta['arch']} {meta['input']['shape'][1:]} on {os.cpu_count()} CPU cores; in-process: decode + preprocess"
         f" + onnxruntime at batch 32, measured before each round and after the last; model latency at batch 1: "
         f"{model_ms:.2f} ms\n"
     )
-    headers = ["batching", "concurrency", "img/request", "req/s", "img/s", "p50 ms", "p99 ms", "server CPU ms/req",
-               "of it, event loop", "in-process img/s", "vs in-process", "errors"]  # fmt: skip
+    headers = ["batching", "concurrency", "img/request", *columns]
     table = print_table(headers, rows)
     print()
     checks = target_checks(results, baseline)

@@ -49,6 +49,21 @@ async def require_api_key(request: Request, _: HTTPAuthorizationCredentials | No
     check_api_key(request.app.state.settings, request.headers.get("authorization"))
 
 
+async def serving_classifier(request: Request) -> Classifier:
+    """The service, for a client allowed to use it (the bearer token, when a key is set), once it is warmed up.
+
+    One dependency without sub-dependencies for the route that carries the load: FastAPI solves every node of a
+    route's dependency tree on each request. The route documents the bearer scheme itself (``BEARER``).
+    """
+    check_api_key(request.app.state.settings, request.headers.get("authorization"))
+    classifier = await get_classifier(request)
+    classifier.check_ready()
+    return classifier
+
+
+BEARER = [{"HTTPBearer": []}]  # OpenAPI security of a route that checks the token in ``serving_classifier``
+
+
 LOOP_JSON_BYTES = 64 * 1024  # parse larger JSON bodies in a worker thread: the event loop keeps serving
 Model = TypeVar("Model", bound=BaseModel)
 

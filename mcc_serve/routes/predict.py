@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..deps import load_json, ready_classifier, require_api_key
+from ..deps import BEARER, load_json, serving_classifier
 from ..runtime.errors import TooManyImagesError
 from ..runtime.service import Classifier
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse, inline_schema
 
-router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["predict"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 405, 413, 415, 422, 429, 503, 504)}
 MAX_FORM_FIELDS = 16  # form fields besides the images
 
@@ -41,11 +41,11 @@ PREDICT_BODY = {
     response_model=PredictResponse,
     responses=ERRORS,
     summary="Classify one or more images",
-    openapi_extra={"requestBody": PREDICT_BODY},
+    openapi_extra={"requestBody": PREDICT_BODY, "security": BEARER},
 )
 async def predict(
     request: Request,
-    classifier: Classifier = Depends(ready_classifier),
+    classifier: Classifier = Depends(serving_classifier),
     top_k: int | None = Query(None, ge=1, description="labels per image, from 1 to the number of classes (default 5)"),
 ) -> PredictResponse:
     """One prediction per image, in input order."""

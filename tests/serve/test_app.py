@@ -181,6 +181,7 @@ def test_metrics_and_docs(client, digit_pngs):
     paths = schema["paths"]
     predict = paths["/v1/predict"]["post"]
     assert [p["name"] for p in predict["parameters"]] == ["top_k"]
+    assert predict["security"] == [{"HTTPBearer": []}] and "HTTPBearer" in schema["components"]["securitySchemes"]
     assert predict["requestBody"]["content"]["application/json"]["schema"]["required"] == ["images"]
     assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("PredictResponse")

@@ -16,6 +16,12 @@ EXTREME = [(9, 700), (900, 7), (3, 260)]  # aspect ratios far from any photo's
 MAX_LEVELS = 8  # the box resize's largest difference to timm, in grey levels (measured: 7, mean 0.03-0.05)
 
 
+def preprocessor(in_chans, size, mean, std, interpolation, crop_pct, max_pixels) -> Preprocessor:
+    """The serving preprocessing of a model.json with these settings."""
+    pre = {"input_size": [in_chans, size, size], "mean": mean, "std": std, "interpolation": interpolation}
+    return Preprocessor.from_model_json({"preprocess": {**pre, "crop_pct": crop_pct}}, max_pixels=max_pixels)
+
+
 def real_images():
     from sklearn.datasets import load_digits
 
@@ -75,16 +81,7 @@ def test_matches_timm_eval_transform(size, crop_pct, interpolation, in_chans):
 
 
 def test_bad_images_are_named():
-    meta = {
-        "preprocess": {
-            "input_size": [3, 8, 8],
-            "mean": [0.5] * 3,
-            "std": [0.5] * 3,
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-        }
-    }
-    pre = Preprocessor.from_model_json(meta, max_pixels=100 * 100)
+    pre = preprocessor(3, 8, [0.5] * 3, [0.5] * 3, "bilinear", 1.0, max_pixels=100 * 100)
     with pytest.raises(ImageError, match="not an image format"):
         pre.load(b"hello", "a.txt")
     buf = io.BytesIO()
@@ -102,16 +99,7 @@ def test_bad_images_are_named():
 )
 def test_resizing_only_the_cropped_region_stays_close_to_timm(size, crop_pct, interpolation, monkeypatch):
     monkeypatch.setattr(preprocess, "RESIZE_BUDGET_PIXELS", 0)  # every image takes the cropped-region path
-    meta = {
-        "preprocess": {
-            "input_size": [3, size, size],
-            "mean": [0.5] * 3,
-            "std": [0.25] * 3,
-            "interpolation": interpolation,
-            "crop_pct": crop_pct,
-        }
-    }
-    ours = Preprocessor.from_model_json(meta, max_pixels=10**8)
+    ours = preprocessor(3, size, [0.5] * 3, [0.25] * 3, interpolation, crop_pct, max_pixels=10**8)
     timm_tf = create_transform(
         (3, size, size),
         is_training=False,
@@ -129,16 +117,7 @@ def test_resizing_only_the_cropped_region_stays_close_to_timm(size, crop_pct, in
 
 
 def test_an_extreme_aspect_ratio_costs_no_more_than_the_crop(monkeypatch):
-    meta = {
-        "preprocess": {
-            "input_size": [1, 16, 16],
-            "mean": [0.5],
-            "std": [0.5],
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-        }
-    }
-    pre = Preprocessor.from_model_json(meta, max_pixels=10**6)
+    pre = preprocessor(1, 16, [0.5], [0.5], "bicubic", 1.0, max_pixels=10**6)
     sizes, real_resize = [], Image.Image.resize
     monkeypatch.setattr(
         Image.Image, "resize", lambda self, size, *a, **k: (sizes.append(size), real_resize(self, size, *a, **k))[1]
@@ -153,16 +132,7 @@ def test_an_extreme_aspect_ratio_costs_no_more_than_the_crop(monkeypatch):
 
 
 def test_work_pixels_counts_the_resize_an_aspect_ratio_causes():
-    meta = {
-        "preprocess": {
-            "input_size": [1, 16, 16],
-            "mean": [0.5],
-            "std": [0.5],
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
-        }
-    }
-    pre = Preprocessor.from_model_json(meta, max_pixels=10**8)
+    pre = preprocessor(1, 16, [0.5], [0.5], "bicubic", 1.0, max_pixels=10**8)
     assert pre.work_pixels(Image.new("L", (32, 32))) == 32 * 32 + 16 * 16
     # 1 x 60,000: few pixels to decode, but a 16 x 960,000 resize: not a job for the event loop
     assert pre.work_pixels(Image.new("L", (1, 60_000))) == 60_000 + 16 * 960_000
@@ -172,16 +142,7 @@ def test_work_pixels_counts_the_resize_an_aspect_ratio_causes():
 def test_load_many_lets_each_decoded_image_go_and_keeps_to_the_deadline():
     import time
 
-    meta = {
-        "preprocess": {
-            "input_size": [1, 8, 8],
-            "mean": [0.5],
-            "std": [0.5],
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-        }
-    }
-    pre = Preprocessor.from_model_json(meta, max_pixels=10**6)
+    pre = preprocessor(1, 8, [0.5], [0.5], "bilinear", 1.0, max_pixels=10**6)
     Image.new("L", (40, 30), 128).save(buf := io.BytesIO(), format="PNG")
     images = [pre.decode_header(buf.getvalue(), f"{i}.png") for i in range(3)]
     x = pre.load_many(images)

@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # mcc_serve's own lines (ready, client gone, unhandled errors) through uvicorn's handler, at its level
     level = settings.log_level.upper().replace("TRACE", "DEBUG")
-    loggers = {**LOGGING_CONFIG["loggers"], "mcc_serve": {"handlers": ["default"], "level": level, "propagate": False}}
+    loggers = {
+        **LOGGING_CONFIG["loggers"],
+        "mcc_serve": {"handlers": ["default"], "level": level, "propagate": False},
+        "python_multipart": {"level": "ERROR"},  # its warning per malformed body is the client's: answered with a 400
+    }
     log_config = {**LOGGING_CONFIG, "loggers": loggers}
 
     metrics_dir = None

@@ -25,7 +25,7 @@ from .runtime.bundle import BundleError
 from .runtime.choices import DEVICES, IMAGE_SUFFIXES
 from .runtime.errors import ImageError
 from .runtime.offline import InputError, check_output, find_images, is_bundle
-from .runtime.service import Classifier, Label, Model, load_bundle
+from .runtime.service import DEFAULT_TOP_K, Classifier, Label, Model, load_bundle
 
 MODEL_LOADERS = "mcc.model_loaders"  # entry point group: "checkpoint" -> (path, device, weights) -> Model
 
@@ -139,7 +139,7 @@ def check_args(args: argparse.Namespace) -> None:
 def predict(args: argparse.Namespace) -> int:
     check_args(args)
     model = load_model(args.model, args.device, args.ema)
-    k = min(args.top_k or 5, model.num_classes)
+    k = min(args.top_k or DEFAULT_TOP_K, model.num_classes)
     files, missing = find_images(args.paths)
     for message in missing:
         print(f"mcc-predict: skipped {message}", file=sys.stderr)
@@ -164,11 +164,11 @@ async def write_predictions(f: TextIO, model: Model, files: list[Path], k: int, 
         preprocess_threads=args.workers,
         inline_pixels=0,  # every image to the pool: the model runs while the next ones decode
     )
-    classifier.start()
-    writer = csv.writer(f, lineterminator="\n")
-    writer.writerow(["path"] + [f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "prob")])
     done = skipped = 0
     try:
+        classifier.start()
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path"] + [f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "prob")])
         with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr) as bar:
             async for path, result in classify_files(classifier, files, k, window):
                 bar.update(1)

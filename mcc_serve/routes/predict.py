@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..deps import BEARER, load_json, serving_classifier
 from ..runtime.errors import TooManyImagesError
-from ..runtime.service import Classifier
+from ..runtime.service import DEFAULT_TOP_K, Classifier
 from ..schemas import ErrorResponse, PredictJSON, PredictResponse, inline_schema
 
 router = APIRouter(tags=["predict"])
@@ -41,12 +41,15 @@ PREDICT_BODY = {
     response_model=PredictResponse,
     responses=ERRORS,
     summary="Classify one or more images",
+    response_description="one prediction per image, in input order",
     openapi_extra={"requestBody": PREDICT_BODY, "security": BEARER},
 )
 async def predict(
     request: Request,
     classifier: Classifier = Depends(serving_classifier),
-    top_k: int | None = Query(None, ge=1, description="labels per image, from 1 to the number of classes (default 5)"),
+    top_k: int | None = Query(
+        None, ge=1, description=f"labels per image, from 1 to the class count (default {DEFAULT_TOP_K})"
+    ),
 ) -> PredictResponse:
     """One prediction per image, in input order."""
     k = classifier.check_top_k(top_k)
@@ -63,7 +66,7 @@ async def read_images(request: Request, classifier: Classifier) -> list[tuple[st
     """(name, bytes) of every image in the request body, in order; counted before any is decoded."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        images = await multipart_images(request, classifier.max_images)
+        images = await multipart_images(request, classifier.max_images, request.app.state.settings.max_body_bytes)
     elif media_type == "application/json":
         images = await json_images(request, classifier)
     else:
@@ -76,15 +79,18 @@ async def read_images(request: Request, classifier: Classifier) -> list[tuple[st
     return images
 
 
-async def multipart_images(request: Request, max_images: int) -> list[tuple[str, bytes]]:
-    """Every part with a filename is an image, whatever its field name; Starlette's parser reads the parts."""
+async def multipart_images(request: Request, max_images: int, max_field_bytes: int) -> list[tuple[str, bytes]]:
+    """Every part with a filename is an image, whatever its field name; Starlette's parser reads the parts (a form
+    field may be as large as the body limit allows)."""
     try:
-        form = await request.form(max_files=max_images, max_fields=MAX_FORM_FIELDS)
+        form = await request.form(max_files=max_images, max_fields=MAX_FORM_FIELDS, max_part_size=max_field_bytes)
     except StarletteHTTPException as e:  # Starlette's words for a malformed body, or one over its part limits
         if str(e.detail).startswith("Too many files"):
             raise TooManyImagesError(
                 f"more than {max_images} images in one request; the limit is {max_images}"
             ) from None
+        if str(e.detail).startswith("Too many fields"):
+            raise HTTPException(413, f"more than {MAX_FORM_FIELDS} form fields besides the images") from None
         raise
     try:
         return [

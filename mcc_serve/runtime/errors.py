@@ -19,6 +19,10 @@ class ImageTooLargeError(ImageError):
     """An image with more pixels than the limit: refused from its header, before its pixels are decoded."""
 
 
+class InvalidArgumentError(ServiceError):
+    """An argument of the request itself is out of range (``top_k``)."""
+
+
 class TooManyImagesError(ServiceError):
     """One request holds more images than a request may carry or than the queue can ever hold; a retry cannot help."""
 

@@ -22,14 +22,11 @@ from .batcher import DynamicBatcher
 from .bundle import BundleError
 from .choices import MAX_IMAGE_PIXELS
 from .engine import Engine, softmax
-from .errors import DeadlineError, NotReadyError, ServiceError, TooManyImagesError
+from .errors import DeadlineError, InvalidArgumentError, NotReadyError, TooManyImagesError
 from .preprocess import Preprocessor
 
 INLINE_PIXELS = 256 * 256  # decode and resize this many pixels in the caller's thread; more goes to the pool
-
-
-class InvalidArgumentError(ServiceError):
-    """An argument of the request itself is out of range (``top_k``)."""
+DEFAULT_TOP_K = 5  # labels per image when the caller names no number (at most the class count)
 
 
 @dataclass
@@ -133,10 +130,6 @@ class Classifier:
         self.ready = False  # true once warmed up
         self.draining = False  # shutting down: not ready, but still answering
 
-    @property
-    def class_names(self) -> list[str]:
-        return self.model.class_names
-
     def start(self) -> None:
         """Start the batcher in the running event loop."""
         self.batcher.start()
@@ -170,14 +163,15 @@ class Classifier:
             raise TooManyImagesError(f"{n} images in one request; the queue holds at most {self.max_queue}")
 
     def check_top_k(self, k: int | None) -> int:
-        """``k`` labels per image, 5 (or the class count, if fewer) when None."""
+        """``k`` labels per image, DEFAULT_TOP_K (or the class count, if fewer) when None."""
         if k is None:
-            return min(5, self.model.num_classes)
-        if not 1 <= k <= self.model.num_classes:
-            raise InvalidArgumentError(
-                f"top_k must be an integer from 1 to {self.model.num_classes} (the class count), got {k!r}"
-            )
+            return min(DEFAULT_TOP_K, self.model.num_classes)
+        if not isinstance(k, int) or not 1 <= k <= self.model.num_classes:
+            raise InvalidArgumentError(self.top_k_error(k))
         return k
+
+    def top_k_error(self, k) -> str:
+        return f"top_k must be an integer from 1 to {self.model.num_classes} (the class count), got {k!r}"
 
     def deadline(self) -> float:
         """The default deadline of a request that starts now, on ``time.monotonic()``."""
@@ -209,6 +203,7 @@ class Classifier:
             TooManyImagesError, QueueFullError: the batcher's limits.
             DeadlineError: no answer by ``deadline``.
         """
+        self.check_count(len(x))
         timeout = (self.deadline() if deadline is None else deadline) - time.monotonic()
         try:
             if timeout <= 0:

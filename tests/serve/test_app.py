@@ -75,7 +75,16 @@ def test_top_k_bounds(client, digit_pngs, query, status):
     r = client.post(f"/v1/predict?{query}", files=[("files", ("a.png", digit_pngs[0][0], "image/png"))])
     assert r.status_code == status
     if status != 200:
-        assert "top_k" in r.json()["error"]
+        assert r.json()["error"].startswith("top_k must be an integer from 1 to 10 (the class count), got ")
+
+
+def test_form_fields_beside_the_images_are_bounded_in_count_not_in_size(client, digit_pngs):
+    image = ("files", ("a.png", digit_pngs[0][0], "image/png"))
+    fields = {f"note{i}": "x" for i in range(17)}
+    r = client.post("/v1/predict", files=[image], data=fields)
+    assert r.status_code == 413 and r.json()["error"] == "more than 16 form fields besides the images"
+    r = client.post("/v1/predict", files=[image], data={"note": "x" * (2 << 20)})  # 2 MiB: within the body limit
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
 def test_bad_inputs_get_4xx_with_a_json_error(client, digit_pngs):

@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mcc_serve.runtime.choices import LOSSES  # noqa: E402
+from mcc_serve.runtime.choices import DEVICES, LOSSES  # noqa: E402
 from mcc_train import TrainConfig  # noqa: E402
 from mcc_train.config import RENAMED  # noqa: E402
 from mcc_train.head import MC_DEFAULTS, MC_PRESETS, MCSettings  # noqa: E402
@@ -884,7 +884,7 @@ def load_study(scale: str, cache_path: Path) -> Study:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: 4 on a GPU, else cores/1)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading workers per run (default: 0 on CPU)")
     parser.add_argument("--quick", action="store_true", help="digits, 3 variants x 3 seeds (about a minute)")

@@ -32,7 +32,7 @@ def median_ms(samples: list[float]) -> float:
 
 
 def print_table(headers: list[str], rows: list[list]) -> str:
-    """Print a Markdown table (the README pastes it as is) and return it."""
+    """Print a Markdown table (docs/benchmarks.md pastes it as is) and return it."""
     cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)) + " |"]

@@ -89,7 +89,7 @@ def make_bundle(workdir: Path, image_size: int | None = None) -> Path:
 
 
 class InProcess:
-    """The reference: decode + preprocess + onnxruntime at ``batch`` in this process (onnxruntime's defaults)."""
+    """The reference: decode + preprocess + onnxruntime at ``batch`` in this process, mcc-serve's session options."""
 
     def __init__(self, bundle: Path, pngs: list[bytes], batch: int = 32, precision: str = "fp32"):
         from mcc_serve.runtime.bundle import onnx_file
@@ -332,13 +332,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def start_servers(args: argparse.Namespace, bundle: Path, tmp: Path) -> dict[str, ServerProcess]:
-    servers = {}
+def start_servers(args: argparse.Namespace, bundle: Path, tmp: Path, servers: dict[str, ServerProcess]) -> None:
+    """Every configuration's server into ``servers``, which the caller stops whatever happens."""
     for mode in args.configs:
         servers[mode] = ServerProcess(bundle, [*BATCHING[mode], "--precision", args.precision])
     if args.baseline_rev:  # that revision's mcc-serve with its own defaults, side by side with ours
         servers[f"{args.baseline_rev} defaults"] = ServerProcess(bundle, [], tree=checkout(args.baseline_rev, tmp))
-    return servers
 
 
 def measure_levels(args, servers: dict[str, ServerProcess], reference: InProcess, pngs, levels) -> dict[str, dict]:
@@ -443,7 +442,7 @@ def main() -> None:
         model_ms = reference.model_ms_batch1()
         servers = {}
         try:
-            servers = start_servers(args, bundle, Path(tmp))
+            start_servers(args, bundle, Path(tmp), servers)
             results = measure_levels(args, servers, reference, pngs, levels)
         finally:
             for server in servers.values():

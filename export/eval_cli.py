@@ -11,7 +11,7 @@ import sys
 from mcc_serve.runtime.choices import DEVICES, PRECISIONS
 from mcc_train import UsageError
 
-from .evaluate import REPORT_FILES, EvalConfig, evaluate, format_report, summarize, write_report
+from .evaluate import REPORT_FILES, SPLITS, EvalConfig, evaluate, format_report, summarize, write_report
 
 EPILOG = """examples:
   mcc-eval bundles/demo --data digits                         # the served model on the data it was trained on
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="digits | fashion-mnist[:DIR] | imagefolder:ROOT | cifar10:DIR | cifar100:DIR (as mcc-train)",
     )
-    p.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default: val)")
+    p.add_argument("--split", choices=SPLITS, default="val", help="split to evaluate (default: val)")
     p.add_argument(
         "--out", metavar="DIR", help="also write metrics.json, per_class.csv, confusion.png, misclassified.csv here"
     )

@@ -1,5 +1,5 @@
 """Measurements that are reported, never a reason to refuse a bundle: onnxruntime latency against the baseline's
-export, the fp16 model's error, and the int8 model's top-1 beside fp32's. parity.json records them; the README's
+export, the fp16 model's error, and the int8 model's top-1 beside fp32's. parity.json records them; docs/benchmarks.md's
 benchmark sections (``benchmarks/export_parity.py``, ``benchmarks/int8.py``) say what they gave."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int,
     """Export ``model`` (eval mode, fp32) with input ``input`` (N, C, H, W) and output ``logits`` (N, classes).
 
     NOTE: ``dynamo=True``: torch.export gives a cleaner graph (batch norm folded into the convolutions, fewer nodes)
-    than the TorchScript exporter; the README's mcc-export section has the counts.
+    than the TorchScript exporter; docs/export.md has the counts.
     """
     model = model.eval()
     example = torch.randn(2, *input_size)

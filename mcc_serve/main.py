@@ -8,7 +8,6 @@ import logging
 import signal
 import threading
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -48,7 +47,7 @@ async def lifespan(app: FastAPI):
     settings: ServeSettings = app.state.settings
     metrics = Metrics(settings.max_batch_size)
     classifier = build_classifier(settings, metrics)
-    app.state.model_name = settings.model_name or classifier.model.meta.get("arch") or Path(settings.bundle).name
+    app.state.model_name = settings.model_name or classifier.model.name  # the arch, else the bundle folder
     app.state.metrics, app.state.classifier = metrics, classifier
     # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's full collections,
     # each of which would walk all of it to reclaim only per-request garbage.

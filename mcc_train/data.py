@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import Dataset
 
-from mcc_serve.runtime.choices import IMAGE_SUFFIXES
+from mcc_serve.runtime.choices import HIGH_BIT_MODES, IMAGE_SUFFIXES
 
 from .errors import UsageError
 
@@ -46,7 +46,6 @@ FASHION_MNIST_CLASSES = [
 ]
 DATA_KINDS = ("digits", "fashion-mnist", "imagefolder", "cifar10", "cifar100")
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}  # palette (P) counts as colour
-HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 _logger = logging.getLogger("mcc_train")
 

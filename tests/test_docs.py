@@ -15,12 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# console script -> the modules that provide its main(), tried in order (mcc-predict may live in either)
+# console script -> the module that provides its main()
 COMMANDS = {
     "mcc-train": ["mcc_train.cli"],
     "mcc-export": ["export.cli"],
     "mcc-eval": ["export.eval_cli"],
-    "mcc-predict": ["mcc_serve.predict_cli", "export.predict_cli"],
+    "mcc-predict": ["mcc_serve.predict_cli"],
     "mcc-serve": ["mcc_serve.cli"],
 }
 PYTHON_MODULES = {"mcc_train": "mcc-train", "export": "mcc-export", "mcc_serve": "mcc-serve"}  # python -m X

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .choices import CLASSIFIER_KIND, CLASSIFIER_KINDS, HEAD_TYPES, INTERPOLATIONS, LOSSES
+from .choices import CLASSIFIER_KIND, CLASSIFIER_KINDS, CROP_MODES, HEAD_TYPES, INTERPOLATIONS, LOSSES
 
 FORMAT, VERSION = "mcc-bundle", 1
 MODEL_JSON, ONNX_FILE, FP16_FILE, INT8_FILE, WEIGHTS_FILE, CONFIG_JSON, PARITY_JSON, README_FILE = (
@@ -61,7 +61,7 @@ class Preprocess(BaseModel):
     std: list[float] = Field(min_length=1, description="per channel, or one value for all; positive")
     interpolation: Literal[INTERPOLATIONS] = Field(description="the resize filter")
     crop_pct: float = Field(gt=0, le=1, description="resize to floor(size / crop_pct), then crop to size")
-    crop_mode: Literal["center", "squash"] = Field(
+    crop_mode: Literal[CROP_MODES] = Field(
         "center", description="center: resize the shorter side and center-crop; squash: resize both sides"
     )
 

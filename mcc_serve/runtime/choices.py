@@ -48,6 +48,9 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 MAX_IMAGE_PIXELS = 40_000_000  # the largest image decoded (w * h) by default, in serving, mcc-predict and mcc-eval
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow's 16-bit, 32-bit and float modes: to 8 bits
+CROP_MODES = ("center", "squash")  # timm's eval crop: resize the shorter side and center-crop, or resize both
+
 PRECISIONS = ("fp32", "fp16", "int8")  # which of a bundle's ONNX files runs
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -11,9 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError, onnx_file, read_model_json
-from .session import create_session, providers_for
-
-__all__ = ["BundleError", "Engine", "providers_for", "read_bundle", "softmax"]
+from .session import create_session
 
 _logger = logging.getLogger("mcc_serve")
 
@@ -26,7 +24,7 @@ def read_bundle(path: str | Path, precision: str = "fp32") -> dict:
     name = onnx_file(precision)
     onnx_path = path / name
     if name not in meta["files"] or not onnx_path.is_file():
-        flag = {"fp32": "", "fp16": " --fp16", "int8": " --int8"}[precision]
+        flag = "" if precision == "fp32" else f" --{precision}"
         raise BundleError(f"{path}: no {name} (--precision {precision}); export it with mcc-export{flag}")
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if digest != meta["files"][name]["sha256"]:
@@ -63,7 +61,6 @@ class Engine:
     meta: dict
     input_name: str
     output_name: str
-    precision: str = "fp32"
 
     @classmethod
     def load(
@@ -79,15 +76,7 @@ class Engine:
         session = create_session(Path(bundle) / name, device, intra_op_threads, inter_op_threads)
         check_graph(session, meta, f"{bundle}/{name}")
         _logger.info("loaded %s (%s, %s) on %s", meta.get("arch"), bundle, name, session.get_providers()[0])
-        return cls(session, meta, meta["input"]["name"], meta["output"]["name"], precision)
-
-    @property
-    def provider(self) -> str:
-        return self.session.get_providers()[0]
-
-    @property
-    def input_shape(self) -> list[int]:
-        return list(self.meta["input"]["shape"][1:])  # (C, H, W)
+        return cls(session, meta, meta["input"]["name"], meta["output"]["name"])
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 -> logits (N, num_classes) float32."""

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .choices import INTERPOLATIONS, MAX_IMAGE_PIXELS
+from .choices import HIGH_BIT_MODES, INTERPOLATIONS, MAX_IMAGE_PIXELS
 from .errors import ImageError, ImageTooLargeError
 
 INTERPOLATION = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}  # timm's names -> Pillow's
 
 
 RESIZE_BUDGET_PIXELS = 1 << 24  # a resize to more pixels than this resizes only the region the crop keeps
-HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow's 16-bit, 32-bit integer and float modes
 
 
 def to_8bit(img: Image.Image) -> Image.Image:

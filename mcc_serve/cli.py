@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unusable_metrics_dir() -> str | None:
+    """Why PROMETHEUS_MULTIPROC_DIR, when set, cannot hold the workers' metrics (else None)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path is None:
+        return None
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        return f"PROMETHEUS_MULTIPROC_DIR={path} is not a writable directory; create it, or unset it"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     if "port" not in args and "MCC_PORT" not in os.environ and os.environ.get("PORT"):
@@ -58,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         name = str(err["loc"][0]) if err.get("loc") else "option"
-        print(f"mcc-serve: error: --{name.replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        where = "MCC_API_KEY" if name == "api_key" else f"--{name.replace('_', '-')}"  # the key is never a flag
+        print(f"mcc-serve: error: {where}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    problem = unusable_metrics_dir()
+    if problem:
+        print(f"mcc-serve: error: {problem}", file=sys.stderr)
         return 2
     try:
         # the whole start-up check here, before any worker starts: a bundle that fails it exits 2, with N workers too.

@@ -29,7 +29,10 @@ _logger = logging.getLogger("mcc_serve")
 
 def build_classifier(settings: ServeSettings, metrics: Metrics) -> Classifier:
     s = settings
-    model = load_bundle(s.bundle, s.device, s.precision, s.intra_op_threads, s.inter_op_threads, s.max_image_pixels)
+    formats = tuple(s.image_formats.split(","))
+    model = load_bundle(
+        s.bundle, s.device, s.precision, s.intra_op_threads, s.inter_op_threads, s.max_image_pixels, formats
+    )
     return Classifier(
         model,
         max_batch_size=settings.max_batch_size,
@@ -64,7 +67,7 @@ async def lifespan(app: FastAPI):
         _logger.info("ready: %s", app.state.model_name)
 
     warm = asyncio.create_task(warm_up())
-    drain_on_sigterm(classifier, settings.drain_s)
+    drain_on_signals(classifier, settings.drain_s)
     yield
     warm.cancel()
     await classifier.stop()  # uvicorn has stopped accepting and let in-flight requests finish; drain the queue
@@ -72,32 +75,37 @@ async def lifespan(app: FastAPI):
     gc.unfreeze()
 
 
-def drain_on_sigterm(classifier: Classifier, drain_s: float) -> None:
-    """On SIGTERM, turn readiness 503 at once and keep serving for ``drain_s`` before uvicorn's graceful shutdown
-    (stop accepting, finish what is in flight and queued, exit 0). A second SIGTERM stops at once.
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what stops a worker; each drains first
+
+
+def drain_on_signals(classifier: Classifier, drain_s: float) -> None:
+    """On SIGTERM, SIGINT or SIGHUP, turn readiness 503 at once and keep serving for ``drain_s`` before uvicorn's
+    graceful shutdown (stop accepting, finish what is in flight and queued, exit 0). A second signal stops at once.
 
     A load balancer or Kubernetes sees the 503 and stops sending; requests already on their way still get answers.
-    NOTE: this wraps uvicorn's own handler (installed before the lifespan starts) and sets its server's
-    ``should_exit``, as uvicorn's programmatic API does, so the process exits 0 instead of re-raising the signal.
+    NOTE: this replaces uvicorn's own handler (installed before the lifespan starts) and sets its server's
+    ``should_exit``, as uvicorn's programmatic API does, so the process exits 0 instead of re-raising the signal
+    (uvicorn's default for SIGTERM and SIGINT; SIGHUP would have killed it).
     """
-    previous = signal.getsignal(signal.SIGTERM)
-    server = getattr(previous, "__self__", None)
-    if drain_s <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(server, "should_exit"):
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(server, "should_exit"):
         return  # not under uvicorn's signal handling (tests, other servers): leave it alone
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
         server.should_exit = True
 
-    def on_sigterm(sig, frame) -> None:
-        if classifier.draining:
+    def on_signal(sig, frame) -> None:
+        if classifier.draining or drain_s <= 0:
             stop()
             return
         classifier.draining = True
-        _logger.info("SIGTERM: readiness is 503 now; serving %gs more, then finishing what is in flight", drain_s)
+        name = signal.Signals(sig).name
+        _logger.info("%s: readiness is 503 now; serving %gs more, then finishing what is in flight", name, drain_s)
         loop.call_soon_threadsafe(loop.call_later, drain_s, stop)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for sig in DRAIN_SIGNALS:
+        signal.signal(sig, on_signal)
 
 
 def create_app(settings: ServeSettings | None = None) -> FastAPI:

@@ -8,12 +8,32 @@ whichever worker answers it, adds up all of them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def forget_dead_workers(path: str) -> None:
+    """Drop the live gauges (requests in flight) of workers that are gone: a worker killed with SIGKILL never runs
+    its own ``close``, and its last value would stay in every scrape."""
+    for file in Path(path).glob("gauge_live*_*.db"):
+        pid = file.stem.rpartition("_")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), path)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: not ours to judge
+    return True
 
 
 class Metrics:
@@ -67,6 +87,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format: this process's metrics, or every worker's in multiprocess mode."""
         if multiprocess_dir():
+            forget_dead_workers(multiprocess_dir())
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)

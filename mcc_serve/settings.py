@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .runtime.choices import DEVICES, MAX_IMAGE_PIXELS, PRECISIONS
+from .runtime.choices import DEVICES, IMAGE_FORMATS, MAX_IMAGE_PIXELS, PRECISIONS
 
 
 class ServeSettings(BaseSettings):
@@ -24,6 +24,9 @@ class ServeSettings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body before 413")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64, description="largest decoded image (w*h) before 413")
+    image_formats: str = Field(
+        ",".join(IMAGE_FORMATS), description="image formats decoded, Pillow's names, comma-separated; others: 400"
+    )
     max_images_per_request: int = Field(64, ge=1, description="images per request before 413")
     preprocess_threads: int = Field(
         2, ge=1, le=64, description="threads that decode and resize large images; bounds their memory (docs/serving.md)"
@@ -62,6 +65,27 @@ class ServeSettings(BaseSettings):
         if v not in PRECISIONS:
             raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
         return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("is empty or whitespace, which would let any client in; set a key, or unset MCC_API_KEY")
+        return v
+
+    @field_validator("image_formats")
+    @classmethod
+    def _image_formats(cls, v: str) -> str:
+        from PIL import Image
+
+        Image.init()  # every plugin registered, so Image.ID lists all Pillow reads
+        names = [f.strip().upper() for f in v.split(",") if f.strip()]
+        unknown = [f for f in names if f not in Image.ID]
+        if not names or unknown:
+            raise ValueError(
+                f"{', '.join(unknown) or '(none)'}: not a format Pillow reads; e.g. {','.join(IMAGE_FORMATS)}"
+            )
+        return ",".join(names)
 
     @field_validator("log_level")
     @classmethod

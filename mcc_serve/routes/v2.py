@@ -74,7 +74,10 @@ def split_binary(body: bytes, header: str | None) -> tuple[bytes, bytes]:
     """(JSON part, binary part) of a request body: all JSON unless the binary extension's header says otherwise."""
     if header is None:
         return body, b""
-    if not header.isdigit() or not 0 < int(header) <= len(body):
+    # ASCII digits no longer than the body's own length: int() of other Unicode digits, or of thousands, raises
+    if not (header.isascii() and header.isdigit() and len(header) <= len(str(len(body)))) or not 0 < int(header) <= len(
+        body
+    ):
         raise HTTPException(
             400, f"Inference-Header-Content-Length {header!r} must be the JSON header's byte length, 1 to {len(body)}"
         )
@@ -108,7 +111,7 @@ def input_tensor(req: InferRequest, classifier: Classifier, binary: bytes = b"")
     else:
         try:
             x = np.asarray(tensor.data, dtype=np.float32)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # OverflowError: an integer past float's range
             raise HTTPException(400, "input data must be numbers, as a flat or nested list") from None
     if x.size != int(np.prod(tensor.shape)):
         need = int(np.prod(tensor.shape))

@@ -47,6 +47,9 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 # files taken as images when a folder is searched (training data, mcc-predict, mcc-eval)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
+# the image formats mcc-serve decodes by default (Pillow's names): the ones clients send; the rare formats Pillow also
+# reads, and containers that embed other images, stay off unless --image-formats names them
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_IMAGE_PIXELS = 40_000_000  # the largest image decoded (w * h) by default, in serving, mcc-predict and mcc-eval
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow's 16-bit, 32-bit and float modes: to 8 bits
 CROP_MODES = ("center", "squash")  # timm's eval crop: resize the shorter side and center-crop, or resize both

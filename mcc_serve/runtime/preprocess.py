@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from .choices import HIGH_BIT_MODES, INTERPOLATIONS, MAX_IMAGE_PIXELS
 from .errors import ImageError, ImageTooLargeError
 
+# what Pillow's decoders raise on a malformed file, besides UnidentifiedImageError: the client's error, never a 500
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error)
 INTERPOLATION = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}  # timm's names -> Pillow's
 
 
@@ -48,6 +51,7 @@ class Preprocessor:
     crop_pct: float = 1.0
     crop_mode: str = "center"
     max_pixels: int = MAX_IMAGE_PIXELS
+    formats: tuple[str, ...] | None = None  # Pillow's format names it decodes; None: every format Pillow reads
 
     def __post_init__(self):
         # timm's ToTensor and Normalize, (v / 255 - mean) / std in float32, for each of the 256 values a channel
@@ -58,7 +62,9 @@ class Preprocessor:
         object.__setattr__(self, "_mode", "L" if self.in_chans == 1 else "RGB")
 
     @classmethod
-    def from_model_json(cls, meta: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> Preprocessor:
+    def from_model_json(
+        cls, meta: dict, max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None
+    ) -> Preprocessor:
         """The preprocessing a model.json records (validated by the bundle schema: square, known interpolation)."""
         pre = meta["preprocess"]
         c, size, _ = pre["input_size"]
@@ -66,18 +72,19 @@ class Preprocessor:
         if len(mean) == 1:
             mean, std = mean * c, std * c
         crop_mode = pre.get("crop_mode", "center")
-        return cls(c, size, mean, std, pre["interpolation"], pre["crop_pct"], crop_mode, max_pixels)
+        return cls(c, size, mean, std, pre["interpolation"], pre["crop_pct"], crop_mode, max_pixels, formats)
 
     def decode_header(self, data: bytes, name: str = "image") -> Image.Image:
         """Open an image lazily (header only) and check its size against the pixel limit."""
         if not data:
             raise ImageError(f"{name} is empty")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=self.formats)
         except Image.DecompressionBombError:
             raise ImageTooLargeError(f"{name} has too many pixels") from None
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise ImageError(f"{name} is not an image format Pillow can read (PNG, JPEG, WebP, ... are)") from None
+        except (UnidentifiedImageError, *UNREADABLE):
+            readable = ", ".join(self.formats) if self.formats else "PNG, JPEG, WebP, ..."
+            raise ImageError(f"{name} is not an image in a format read here ({readable})") from None
         if img.width * img.height > self.max_pixels:
             raise ImageTooLargeError(
                 f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, more than the limit of "
@@ -92,7 +99,7 @@ class Preprocessor:
             img.load()
             img = to_8bit(img)
             return img if img.mode == self._mode else img.convert(self._mode)
-        except (OSError, ValueError, SyntaxError) as e:
+        except UNREADABLE as e:
             name = img.info.get("mcc_name", "image")
             raise ImageError(
                 f"{name} is a corrupt or truncated {img.format or ''} image ({e})".replace("  ", " ")

@@ -57,6 +57,7 @@ def load_bundle(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    image_formats: tuple[str, ...] | None = None,
 ) -> Model:
     """A bundle's ONNX model of ``precision`` in one onnxruntime session (BundleError when it cannot be used)."""
     engine = Engine.load(path, device, intra_op_threads, inter_op_threads, precision)
@@ -64,7 +65,7 @@ def load_bundle(
     return Model(
         name=meta.get("arch") or Path(path).name,
         class_names=list(meta["class_names"]),
-        preprocess=Preprocessor.from_model_json(meta, max_image_pixels),
+        preprocess=Preprocessor.from_model_json(meta, max_image_pixels, image_formats),
         run=engine.run,
         input_name=engine.input_name,
         output_name=engine.output_name,

@@ -378,3 +378,39 @@ def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
         assert c.post("/v1/predict", files=files[:1]).status_code == 200
     finally:
         c.__exit__(None, None, None)
+
+
+def test_malformed_numbers_and_rare_formats_from_a_client_are_4xx_never_500(client):
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 16, 16],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    for length in ("²", "¹²³", "0" * 5000 + str(len(head))):  # Unicode digits int() refuses; thousands of digits
+        r = client.post(
+            "/v2/models/resnet10t/infer",
+            content=head + x.tobytes(),
+            headers={"Inference-Header-Content-Length": length.encode("latin-1")},
+        )
+        assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"], (length[:8], r.text)
+    huge = {"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": [10**400] * 256}]}
+    r = client.post("/v2/models/resnet10t/infer", content=json.dumps(huge))
+    assert r.status_code == 400 and "must be numbers" in r.json()["error"]
+    rare = {  # headers Pillow recognises, bodies it cannot decode: formats mcc-serve does not read by default
+        "x.blp": b"BLP1" + bytes(200),
+        "x.dds": b"DDS " + (124).to_bytes(4, "little") + bytes(200),
+        "x.avif": b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf" + bytes(200),
+        "x.ico": b"\0\0\1\0\1\0" + bytes(200),
+    }
+    for name, data in rare.items():
+        r = client.post("/v1/predict", files=[("files", (name, data, "application/octet-stream"))])
+        assert r.status_code == 400 and f"{name} is not an image in a format read here (PNG" in r.json()["error"]
+    assert client.get("/v2/health/ready").status_code == 200

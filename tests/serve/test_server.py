@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from ..conftest import PYTHON, REPO, run_cli
 from .conftest import Server
@@ -233,7 +235,7 @@ def test_cli_bad_bundle_and_bad_options_exit_2(tmp_path, bundle):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "no model_int8.onnx (--precision int8); export it with mcc-export --int8" in proc.stderr
     proc = run_cli("mcc_serve", bundle, "--precision", "int4")
-    assert proc.returncode == 2 and "--precision: Value error, must be one of fp32, fp16, int8" in proc.stderr
+    assert proc.returncode == 2 and "--precision: must be one of fp32, fp16, int8" in proc.stderr
 
 
 def broken_bundles(bundle, root):
@@ -382,3 +384,65 @@ def test_a_request_of_small_files_that_decode_large_holds_one_image_at_a_time(bu
         assert grown < 200, f"peak RSS grew {grown:.0f} MB for 8 images of 48 MB: more than one at a time"
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_sighup_and_sigint_drain_like_sigterm_and_exit_0(bundle, digit_pngs, sig):
+    srv = Server(bundle, "--max-delay-ms", "800", "--drain-s", "0.5")  # requests wait in the queue when it comes
+    pngs, _ = digit_pngs
+    statuses = []
+
+    def send(i):
+        r = httpx.post(f"{srv.url}/v1/predict", files=[("files", ("a.png", pngs[i], "image/png"))], timeout=60)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    srv.proc.send_signal(sig)
+    for t in threads:
+        t.join(60)
+    assert srv.proc.wait(60) == 0 and statuses == [200] * 6
+    assert "Traceback" not in srv.proc.stdout.read()
+
+
+def test_sigterm_with_no_drain_time_still_finishes_in_flight_requests_and_exits_0(bundle, digit_pngs):
+    srv = Server(bundle, "--max-delay-ms", "800", "--drain-s", "0")
+    pngs, _ = digit_pngs
+    answer = {}
+    thread = threading.Thread(
+        target=lambda: answer.update(
+            r=httpx.post(f"{srv.url}/v1/predict", files=[("files", ("a.png", pngs[0], "image/png"))], timeout=60)
+        )
+    )
+    thread.start()
+    time.sleep(0.3)
+    srv.proc.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert srv.proc.wait(60) == 0 and answer["r"].status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_or_blank_api_key_is_refused_at_start_up(bundle, key):
+    proc = run_cli("mcc_serve", bundle, env={**os.environ, "MCC_API_KEY": key}, timeout=120)  # a server would hang
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("mcc-serve: error: MCC_API_KEY: is empty or whitespace")
+
+
+def test_an_unusable_metrics_directory_is_exit_2_in_one_line(bundle, tmp_path):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    proc = run_cli("mcc_serve", bundle, "--workers", "2", env=env, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "PROMETHEUS_MULTIPROC_DIR=" in proc.stderr and "is not a writable directory" in proc.stderr
+
+
+def test_a_worker_killed_mid_request_leaves_no_request_in_flight_behind(tmp_path):
+    """A worker that dies without its shutdown (SIGKILL) leaves its live gauge file; a scrape drops it."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dying = "from mcc_serve.metrics import Metrics; import os; m = Metrics(8); m.in_flight.inc(); os._exit(0)"
+    subprocess.run([PYTHON, "-c", dying], env=env, check=True, cwd=REPO)
+    assert list(tmp_path.glob("gauge_livesum_*.db"))  # what the dead worker left
+    scrape = "from mcc_serve.metrics import Metrics; m = Metrics(8); m.in_flight.inc(); print(m.exposition().decode())"
+    text = subprocess.run([PYTHON, "-c", scrape], env=env, check=True, cwd=REPO, capture_output=True, text=True).stdout
+    assert "mcc_requests_in_flight 1.0" in text  # this process's request only, not the dead worker's too

@@ -84,7 +84,7 @@ class Preprocessor:
             raise ImageTooLargeError(f"{name} has too many pixels") from None
         except (UnidentifiedImageError, *UNREADABLE):
             readable = ", ".join(self.formats) if self.formats else "PNG, JPEG, WebP, ..."
-            raise ImageError(f"{name} is not an image in a format read here ({readable})") from None
+            raise ImageError(f"{name} is not an image format read here ({readable})") from None
         if img.width * img.height > self.max_pixels:
             raise ImageTooLargeError(
                 f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, more than the limit of "

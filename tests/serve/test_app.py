@@ -412,5 +412,5 @@ def test_malformed_numbers_and_rare_formats_from_a_client_are_4xx_never_500(clie
     }
     for name, data in rare.items():
         r = client.post("/v1/predict", files=[("files", (name, data, "application/octet-stream"))])
-        assert r.status_code == 400 and f"{name} is not an image in a format read here (PNG" in r.json()["error"]
+        assert r.status_code == 400 and f"{name} is not an image format read here (PNG" in r.json()["error"]
     assert client.get("/v2/health/ready").status_code == 200

@@ -116,19 +116,24 @@ def test_200_requests_from_32_clients_each_get_their_own_answer(server, bundle, 
     assert batches < 200  # requests were batched together
 
 
+def post_in_background(srv: Server, pngs: list[bytes]) -> tuple[list[threading.Thread], list[int]]:
+    """One /v1/predict request per image, each from a thread of its own, started now; their statuses as they come."""
+    statuses: list[int] = []
+
+    def send(png: bytes) -> None:
+        r = httpx.post(f"{srv.url}/v1/predict", files=[("files", ("a.png", png, "image/png"))], timeout=60)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=(png,)) for png in pngs]
+    for t in threads:
+        t.start()
+    return threads, statuses
+
+
 def test_sigterm_finishes_queued_requests_then_exits(bundle, digit_pngs):
     # a long batching delay holds the requests in the queue while SIGTERM arrives
     srv = Server(bundle, "--max-batch-size", "32", "--max-delay-ms", "1500", "--drain-s", "0.5")
-    pngs, _ = digit_pngs
-    statuses = []
-
-    def send(i):
-        r = httpx.post(f"{srv.url}/v1/predict", files=[("files", ("a.png", pngs[i], "image/png"))], timeout=60)
-        statuses.append(r.status_code)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
+    threads, statuses = post_in_background(srv, digit_pngs[0][:12])
     deadline = time.time() + 30
     while time.time() < deadline:  # wait until all 12 are inside the server (the metrics request is the 13th)
         metrics = httpx.get(f"{srv.url}/metrics").text
@@ -389,16 +394,7 @@ def test_a_request_of_small_files_that_decode_large_holds_one_image_at_a_time(bu
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
 def test_sighup_and_sigint_drain_like_sigterm_and_exit_0(bundle, digit_pngs, sig):
     srv = Server(bundle, "--max-delay-ms", "800", "--drain-s", "0.5")  # requests wait in the queue when it comes
-    pngs, _ = digit_pngs
-    statuses = []
-
-    def send(i):
-        r = httpx.post(f"{srv.url}/v1/predict", files=[("files", ("a.png", pngs[i], "image/png"))], timeout=60)
-        statuses.append(r.status_code)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
+    threads, statuses = post_in_background(srv, digit_pngs[0][:6])
     time.sleep(0.3)
     srv.proc.send_signal(sig)
     for t in threads:

@@ -381,6 +381,12 @@ def test_the_deadline_covers_preprocessing(bundle, digit_pngs, monkeypatch):
 
 
 def test_malformed_numbers_and_rare_formats_from_a_client_are_4xx_never_500(client):
+    check_malformed_inputs(client)
+
+
+def check_malformed_inputs(client) -> None:
+    """Malformed numbers and rare image formats get a 400 each and leave the server ready (any client object with
+    httpx's post and get: the app's TestClient, or httpx.Client on a real server)."""
     x = np.zeros((1, 1, 16, 16), np.float32)
     head = json.dumps(
         {

@@ -17,7 +17,7 @@ import pytest
 
 from ..conftest import PYTHON, REPO, run_cli
 from .conftest import Server
-from .test_app import direct_probs
+from .test_app import check_malformed_inputs, direct_probs
 
 
 def test_mcc_serve_imports_neither_torch_nor_timm(bundle):
@@ -442,3 +442,9 @@ def test_a_worker_killed_mid_request_leaves_no_request_in_flight_behind(tmp_path
     scrape = "from mcc_serve.metrics import Metrics; m = Metrics(8); m.in_flight.inc(); print(m.exposition().decode())"
     text = subprocess.run([PYTHON, "-c", scrape], env=env, check=True, cwd=REPO, capture_output=True, text=True).stdout
     assert "mcc_requests_in_flight 1.0" in text  # this process's request only, not the dead worker's too
+
+
+def test_malformed_numbers_and_rare_formats_are_400s_on_a_real_server_too(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        check_malformed_inputs(client)
+    assert server.proc.poll() is None

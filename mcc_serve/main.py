@@ -67,9 +67,11 @@ async def lifespan(app: FastAPI):
         _logger.info("ready: %s", app.state.model_name)
 
     warm = asyncio.create_task(warm_up())
+    watch = asyncio.create_task(metrics.watch_loop())
     drain_on_signals(classifier, settings.drain_s)
     yield
     warm.cancel()
+    watch.cancel()
     await classifier.stop()  # uvicorn has stopped accepting and let in-flight requests finish; drain the queue
     metrics.close()
     gc.unfreeze()

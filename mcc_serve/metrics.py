@@ -7,6 +7,7 @@ whichever worker answers it, adds up all of them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -62,6 +63,12 @@ class Metrics:
             registry=self.registry,
             buckets=[b for b in buckets if b <= max_batch_size],
         )
+        self.loop_lag = Histogram(
+            "mcc_event_loop_lag_seconds",
+            "how late the event loop ran a timer: the time every request on this worker waited on a busy loop",
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.in_flight = Gauge(
             "mcc_requests_in_flight", "requests being handled", registry=self.registry, multiprocess_mode="livesum"
         )
@@ -83,6 +90,14 @@ class Metrics:
         self.batch_size.observe(size)
         for wait in waits:
             self.queue_wait.observe(wait)
+
+    async def watch_loop(self, every_s: float = 0.1) -> None:
+        """Observe the event loop's lag until cancelled: how much later than asked a sleep of ``every_s`` returns."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + every_s
+            await asyncio.sleep(every_s)
+            self.loop_lag.observe(max(0.0, loop.time() - asked))
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this process's metrics, or every worker's in multiprocess mode."""

@@ -420,3 +420,17 @@ def check_malformed_inputs(client) -> None:
         r = client.post("/v1/predict", files=[("files", (name, data, "application/octet-stream"))])
         assert r.status_code == 400 and f"{name} is not an image format read here (PNG" in r.json()["error"]
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_the_event_loop_lag_is_in_the_metrics(bundle):
+    c = client_for(bundle)
+    try:
+        c.portal.call(time.sleep, 0.4)  # runs on the app's event loop: blocks it, as a large parse would
+        time.sleep(0.3)  # the watcher's next turn
+        text = c.get("/metrics").text
+        total = float(
+            next(line.split()[-1] for line in text.splitlines() if line.startswith("mcc_event_loop_lag_seconds_sum"))
+        )
+        assert total >= 0.25, text
+    finally:
+        c.__exit__(None, None, None)

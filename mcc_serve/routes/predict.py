@@ -63,7 +63,8 @@ async def predict(
 
 
 async def read_images(request: Request, classifier: Classifier) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every image in the request body, in order; counted before any is decoded."""
+    """(name, bytes) of every image in the request body, in order (``Classifier.predict`` counts them before it
+    decodes any; a multipart body stops at the limit while it is parsed, a JSON one before its base64 is decoded)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         images = await multipart_images(request, classifier.max_images, request.app.state.settings.max_body_bytes)
@@ -75,7 +76,6 @@ async def read_images(request: Request, classifier: Classifier) -> list[tuple[st
         )
     if not images:
         raise HTTPException(400, 'no images: send multipart files or JSON {"images": [base64, ...]}')
-    classifier.check_count(len(images))
     return images
 
 

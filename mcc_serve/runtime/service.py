@@ -200,11 +200,12 @@ class Classifier:
     async def infer(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """(N, C, H, W) float32 -> (N, num_classes) logits through the dynamic batcher, by ``deadline``.
 
+        A caller that builds ``x`` from a request counts its images with ``check_count`` first, before the work.
+
         Raises:
             TooManyImagesError, QueueFullError: the batcher's limits.
             DeadlineError: no answer by ``deadline``.
         """
-        self.check_count(len(x))
         timeout = (self.deadline() if deadline is None else deadline) - time.monotonic()
         try:
             if timeout <= 0:
